@@ -1,0 +1,70 @@
+"""Atomic writes: every artifact appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DmmError(Exception):
+    """A user-facing error: its message is one line that names the problem."""
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``final`` on success.
+
+    The temporary directory lives next to ``final`` so the rename stays on one
+    filesystem. On any exception it is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise DmmError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise DmmError(f"{final} already exists")
+            old = parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path | str, mode: str = "w") -> Iterator:
+    """Open a temporary sibling file that is renamed onto ``final`` on success."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    except OSError as exc:
+        raise DmmError(f"cannot write to {final.parent}: {exc.strerror or exc}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_file(path, "w") as fh:
+        fh.write(text)

@@ -1,0 +1,73 @@
+"""The distillation stage's configuration (YAML file + ``--set key=value`` overrides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    score: bool = True
+    # Paper weights: feature imitation 0.001, multi-class adversarial 0.01.
+    feature: float = Field(0.001, ge=0)
+    adversarial: float = Field(0.0, ge=0, description="0 disables; the paper uses 0.01")
+    discriminator_lr: float = Field(1e-5, gt=0)
+
+
+class TeacherSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    path: Path  # a diffusers pipeline folder
+    samples: Path  # the teacher's sample cache (dmm sample)
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: Path
+    teachers: list[TeacherSpec] = Field(min_length=1)
+    output_dir: Path = Path("data/student")
+
+    steps: int = Field(400, ge=1, description="optimizer steps; each sees every teacher")
+    batch_size: int = Field(32, ge=1, description="samples per teacher per step, per process")
+    lr: float = Field(3e-4, gt=0, description="paper (SD1.5): 1e-5")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    losses: LossConfig = Field(default_factory=LossConfig)
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    # "device" keeps every teacher on the accelerator; "offload" keeps them in
+    # host RAM and copies one in per micro-batch (flat device memory in N);
+    # "auto" offloads when they would not fit.
+    teacher_placement: Literal["auto", "device", "offload"] = "auto"
+
+    checkpoint_every: int = Field(100, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1)
+    resume: str | None = Field(None, description='"latest" or a checkpoint directory')
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    log_with: list[str] = Field(default_factory=list, description="accelerate trackers")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DistillConfig:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate teacher names: {', '.join(dupes)}")
+        return self
+
+    @property
+    def style_names(self) -> list[str]:
+        return [t.name for t in self.teachers]

@@ -1,0 +1,175 @@
+"""``DMMStudentPipeline``: Stable Diffusion plus a style codebook and a ``style=`` argument.
+
+Everything except style selection is inherited from ``StableDiffusionPipeline``
+(prompt encoding, CFG, schedulers, LoRA loading, offloading). During a call a
+forward pre-hook on the UNet fills in ``class_labels`` with the style
+embedding, sized to whatever batch the UNet actually sees, so the parent's
+denoising loop needs no change.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dmm.student.codebook import StyleBatchSpec, StyleCodebook, is_single_style
+
+if TYPE_CHECKING:
+    from dmm.student.model import StyleStudent
+
+_PARENT_CALL = inspect.signature(StableDiffusionPipeline.__call__)
+
+
+class DMMStudentPipeline(StableDiffusionPipeline):
+    """A merged DMM student: one UNet that renders any of its styles on request.
+
+    Call it like ``StableDiffusionPipeline`` plus ``style=``: a style name, an
+    index, N mixing weights, ``{name: weight}``, or a list with one such style
+    per prompt.
+    """
+
+    # Not in model_cpu_offload_seq: the codebook's forward is never called (its
+    # vectors are read directly), so it must live on the execution device.
+    _exclude_from_cpu_offload = ["safety_checker", "style_codebook"]
+
+    def __init__(
+        self,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        unet: Any,
+        scheduler: Any,
+        style_codebook: StyleCodebook,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        if style_codebook is None:
+            raise ValueError("a DMMStudentPipeline needs a style_codebook")
+        if unet is not None:
+            _check_codebook_fits(unet, style_codebook)
+        self.register_modules(style_codebook=style_codebook)
+
+    @property
+    def style_names(self) -> list[str]:
+        return self.style_codebook.style_names
+
+    def _style_embeddings(
+        self, style: StyleBatchSpec, num_prompts: int | None, per_prompt: int
+    ) -> torch.Tensor:
+        """(1, D) for a shared style, else (num_prompts * per_prompt, D) in diffusers' order."""
+        book = self.style_codebook
+        if is_single_style(style):
+            return book.embed(style, 1)
+        weights = book.resolve_batch(style)
+        n = weights.shape[0]
+        if num_prompts is None:
+            raise ValueError("per-prompt styles need the number of prompts")
+        if n == num_prompts:
+            # encode_prompt repeats each prompt per_prompt times in place:
+            # [p0, p0, p1, p1], so repeat each style the same way.
+            weights = weights.repeat_interleave(per_prompt, dim=0)
+        elif n != num_prompts * per_prompt:
+            raise ValueError(
+                f"got {n} styles for {num_prompts} prompt(s) x {per_prompt} image(s) per "
+                f"prompt; pass one style, one per prompt, or one per image"
+            )
+        return book.embed_weights(weights)
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, style: StyleBatchSpec | None = None, **kwargs: Any):
+        """``StableDiffusionPipeline.__call__`` plus the required ``style=``."""
+        if style is None:
+            raise ValueError(f"style= is required; known styles: {', '.join(self.style_names)}")
+        bound = _PARENT_CALL.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        prompt = bound.arguments.get("prompt")
+        embeds = bound.arguments.get("prompt_embeds")
+        if isinstance(prompt, str):
+            num_prompts: int | None = 1
+        elif isinstance(prompt, list):
+            num_prompts = len(prompt)
+        elif embeds is not None:
+            num_prompts = embeds.shape[0]
+        else:
+            num_prompts = None
+        per_prompt = bound.arguments.get("num_images_per_prompt") or 1
+        # Resolve before any work, so a bad style fails fast with a clear message.
+        emb = self._style_embeddings(style, num_prompts, per_prompt)
+
+        def add_style(_module, h_args, h_kwargs):
+            sample = h_args[0] if h_args else h_kwargs["sample"]
+            batch = sample.shape[0]
+            labels = emb
+            if labels.shape[0] == 1:
+                labels = labels.expand(batch, -1)
+            elif batch == 2 * labels.shape[0]:
+                # Classifier-free guidance runs [uncond, cond] in one batch: the
+                # same style conditions both halves.
+                labels = torch.cat([labels, labels])
+            elif batch != labels.shape[0]:
+                raise RuntimeError(f"UNet batch {batch} does not fit {labels.shape[0]} styles")
+            h_kwargs["class_labels"] = labels.to(
+                device=sample.device, dtype=self.unet.class_embedding.linear_1.weight.dtype
+            )
+            return h_args, h_kwargs
+
+        handle = self.unet.register_forward_pre_hook(add_style, with_kwargs=True)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            handle.remove()
+
+
+def _check_codebook_fits(unet: Any, codebook: StyleCodebook) -> None:
+    cfg = unet.config
+    if cfg.get("class_embed_type") != "projection":
+        raise ValueError(
+            "the student UNet must have class_embed_type='projection' (the style MLP), "
+            f"got {cfg.get('class_embed_type')!r}"
+        )
+    if cfg.get("projection_class_embeddings_input_dim") != codebook.embedding_dim:
+        raise ValueError(
+            f"codebook width {codebook.embedding_dim} != the UNet's style input width "
+            f"{cfg.get('projection_class_embeddings_input_dim')}"
+        )
+
+
+def build_student_pipeline(
+    student: StyleStudent, base: str | Path | StableDiffusionPipeline
+) -> DMMStudentPipeline:
+    """A pipeline around ``student`` (shared, not copied) with the base's VAE, text
+    encoder, tokenizer, scheduler and any safety checker / image encoder."""
+    if isinstance(base, (str, Path)):
+        # Pass the student's UNet so that diffusers skips loading the base one.
+        base = StableDiffusionPipeline.from_pretrained(
+            base, unet=student.unet, local_files_only=True
+        )
+    return DMMStudentPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=student.unet,
+        scheduler=base.scheduler,
+        style_codebook=student.style_codebook,
+        safety_checker=getattr(base, "safety_checker", None),
+        feature_extractor=getattr(base, "feature_extractor", None),
+        image_encoder=getattr(base, "image_encoder", None),
+        requires_safety_checker=bool(base.config.get("requires_safety_checker", False)),
+    )

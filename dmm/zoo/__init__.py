@@ -1,0 +1,1 @@
+"""The toy teacher zoo: tiny SD-shaped teachers built offline from a seed."""
