@@ -10,6 +10,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    # Diffusers finds a component's loading method by looking its base classes
+    # up on the library a folder names (here "dmm"), so the base is exposed too.
+    "ModelMixin": "diffusers.models.modeling_utils",
     "PatchAutoencoder": "dmm.zoo.autoencoder",
     "StyleCodebook": "dmm.student.codebook",
     "StyleStudent": "dmm.student.model",

@@ -29,6 +29,10 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
 
 
 def one_line_errors(fn):
@@ -114,6 +118,153 @@ def zoo_build(
     )
 
 
+def _yaml_section(config: Path | None, section: str) -> str | None:
+    import yaml
+
+    if config is None or not config.exists():
+        return None
+    raw = yaml.safe_load(config.read_text()) or {}
+    return section if isinstance(raw, dict) and section in raw else None
+
+
+@app.command("prompts")
+@one_line_errors
+def prompts_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder for train/eval JSONL.")] = Path(
+        "data/prompts"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file; its `prompts:` section if present.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help='"zoo", or a .txt / .jsonl prompt file.')
+    ] = None,
+    n_train: Annotated[int | None, typer.Option()] = None,
+    n_eval: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    zoo: Annotated[Path, typer.Option(help="The zoo, to check held-out combos.")] = Path(
+        "data/zoo"
+    ),
+) -> None:
+    """Build deduplicated train/eval prompt sets (JSONL) from the zoo grammar or a user file."""
+    import json
+
+    from dmm.config import load_stage_config
+    from dmm.data.config import PromptsConfig
+    from dmm.data.prompts import build_prompts
+
+    sets = [
+        f"{k}={v}"
+        for k, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed))
+        if v is not None
+    ]
+    if source is not None:
+        sets.append(f"source={json.dumps(source)}")
+    cfg = load_stage_config(PromptsConfig, config, _yaml_section(config, "prompts"), sets)
+    manifest = None
+    if cfg.source == "zoo" and (zoo / "zoo.json").is_file():
+        manifest = json.loads((zoo / "zoo.json").read_text())
+    meta = build_prompts(cfg, out, manifest)
+    counts = meta["counts"]
+    typer.echo(f"prompts: {out} (train {counts['train']}, eval {counts['eval']})")
+
+
+@app.command("sample")
+@one_line_errors
+def sample_cmd(
+    out: Annotated[Path, typer.Option(help="Output root; one folder per teacher.")] = Path(
+        "data/samples"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file; its `sample:` section if present.")
+    ] = None,
+    zoo: Annotated[Path | None, typer.Option(help="Sample every teacher of this zoo.")] = None,
+    teacher: Annotated[list[str] | None, typer.Option(help="NAME=DIR, repeatable.")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Base pipeline folder (default: ZOO/base).")
+    ] = None,
+    prompts: Annotated[Path, typer.Option(help="Train prompts JSONL.")] = Path(
+        "data/prompts/train.jsonl"
+    ),
+    only: Annotated[list[str] | None, typer.Option(help="Only these teachers.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override, e.g. --set steps=10")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Cache teacher-generated x0 latents and text embeddings for distillation."""
+    from dmm.atomic import DmmError
+    from dmm.config import load_stage_config
+    from dmm.data.config import SampleConfig
+
+    cfg = load_stage_config(SampleConfig, config, _yaml_section(config, "sample"), set_)
+    _quiet_libraries()
+    from dmm.data.samples import sample_all, teachers_from_zoo
+
+    dirs: dict[str, Path] = dict(teachers_from_zoo(zoo)) if zoo else {}
+    for item in teacher or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise DmmError(f"--teacher {item!r} is not NAME=DIR")
+        dirs[name] = Path(path)
+    if only:
+        unknown = sorted(set(only) - set(dirs))
+        if unknown:
+            raise DmmError(
+                f"unknown teachers in --only: {', '.join(unknown)}; known: {', '.join(dirs)}"
+            )
+        dirs = {k: v for k, v in dirs.items() if k in only}
+    base_dir = base or (zoo / "base" if zoo else None)
+    if base_dir is None:
+        raise DmmError("give --base (or --zoo)")
+    done = sample_all(dirs, base_dir, prompts, out, cfg, device=device)
+    counts = ", ".join(f"{k}: {v['num_samples']}" for k, v in done.items())
+    typer.echo(f"samples: {out} ({counts})")
+
+
+@app.command("generate")
+@one_line_errors
+def generate_cmd(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    student: Annotated[Path, typer.Option(help="Student pipeline folder.")] = Path(
+        "data/student/student"
+    ),
+    style: Annotated[
+        list[str] | None,
+        typer.Option(
+            help='A style name or index, or JSON weights like \'{"pastel": 0.3, "neon": 0.7}\'. Repeatable.'
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for PNGs.")] = Path("data/generated"),
+    seed: Annotated[int, typer.Option()] = 0,
+    num_images: Annotated[int, typer.Option(help="Images per prompt and style.")] = 1,
+    steps: Annotated[int, typer.Option()] = 20,
+    guidance_scale: Annotated[float, typer.Option()] = 3.0,
+    grid: Annotated[
+        bool, typer.Option(help="One PNG: a row per style (all styles if none given).")
+    ] = False,
+    scale: Annotated[int, typer.Option(help="Upscale factor for the grid preview.")] = 3,
+) -> None:
+    """Generate PNGs from a student with style=; --grid writes one row per style."""
+    _quiet_libraries()
+    from dmm.student.generate import generate_images, parse_style
+
+    result = generate_images(
+        student,
+        prompts=list(prompt),
+        styles=[parse_style(s) for s in style] if style else None,
+        out_dir=out,
+        seed=seed,
+        num_images=num_images,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        grid=grid,
+        grid_scale=scale,
+    )
+    for path in result:
+        typer.echo(str(path))
+
+
 @app.command("distill")
 @one_line_errors
 def distill_cmd(
@@ -139,6 +290,11 @@ def distill_cmd(
 
     final = distill(cfg)
     typer.echo(f"student: {final}")
+
+
+from dmm.merge.cli import merge_command  # noqa: E402  (cheap: torch loads on use)
+
+app.command("merge")(merge_command)
 
 
 if __name__ == "__main__":

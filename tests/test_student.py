@@ -353,7 +353,7 @@ def test_pipeline_folder_layout(student_dir):
 
     index = json.loads((student_dir / "model_index.json").read_text())
     assert index["_class_name"] == "DMMStudentPipeline"
-    assert index["style_codebook"] == ["dmm.student.codebook", "StyleCodebook"]
+    assert index["style_codebook"] == ["dmm", "StyleCodebook"]
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     unet_cfg = json.loads((student_dir / "unet" / "config.json").read_text())
     assert unet_cfg["class_embed_type"] == "projection"

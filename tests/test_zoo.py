@@ -130,3 +130,19 @@ def test_full_zoo_styles_are_separable(tmp_path_factory):
     assert min(metrics["classifier_accuracy_per_style"].values()) >= 0.85
     base = metrics["caption_following"]["train_captions"]["base"]
     assert base["colour"] >= 0.5 and base["position"] >= 0.5
+
+
+def test_plain_import_dmm_makes_zoo_folders_loadable(mini_zoo):
+    zoo, _ = mini_zoo
+    index = json.loads((zoo / "base/model_index.json").read_text())
+    assert index["vae"] == ["dmm", "PatchAutoencoder"]
+    code = (
+        "import dmm, sys\n"
+        "assert 'dmm.zoo.autoencoder' not in sys.modules\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        f"p = StableDiffusionPipeline.from_pretrained({str(zoo / 'base')!r}, local_files_only=True)\n"
+        "print(type(p.vae).__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("PatchAutoencoder")

@@ -122,3 +122,10 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         self.register_to_config(scaling_factor=float(1.0 / z.std().item()))
         recon = self.forward(images.float())
         return float((recon - images.float()).pow(2).mean().sqrt())
+
+
+# Pipeline folders record a component's library as its module. Diffusers only
+# resolves libraries already in sys.modules (it never imports what a folder
+# names), so we record the top-level package: a plain `import dmm` then makes
+# every zoo folder loadable, and dmm resolves the class lazily.
+PatchAutoencoder.__module__ = "dmm"
