@@ -234,6 +234,8 @@ def distill(cfg: DistillConfig) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("dmm-distill", config=json.loads(cfg.model_dump_json()))
     metrics_file = out_dir / "metrics.jsonl"
+    if resume_from is None and accelerator.is_main_process:
+        metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
     use_feat = cfg.losses.feature > 0
     processed: Counter = Counter()
     bar = tqdm(

@@ -1,0 +1,1 @@
+"""Evaluation: sampling on shared prompts and seeds, style accuracy, Frechet distances."""
