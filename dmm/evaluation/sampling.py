@@ -14,9 +14,9 @@ def load_pipeline(path: Path):
     """A teacher/baseline (StableDiffusionPipeline) or a student (DMMStudentPipeline) folder."""
     import json
 
-    import dmm  # noqa: F401  (registers dmm components for diffusers)
     from diffusers import StableDiffusionPipeline
 
+    import dmm  # noqa: F401  (registers dmm components for diffusers)
     from dmm.student.pipeline import DMMStudentPipeline
 
     index_file = Path(path) / "model_index.json"
