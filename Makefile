@@ -23,15 +23,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+BASELINES := weighted task_arithmetic ties dare_linear dare_ties
+PREVIEW := "a large red circle in the center" "a small blue square at the top left" "a large green triangle at the bottom right"
+
 demo: setup
-	dvc repro
-	dvc push --quiet || echo "warning: dvc push to the local remote failed" >&2
-	@echo
-	@echo "Zoo built at $(CURDIR)/data/zoo"
-	@echo "  teachers:   data/zoo/teachers/<style>/  (diffusers StableDiffusionPipeline folders)"
-	@echo "  base:       data/zoo/base/"
-	@echo "  samples:    data/zoo/samples.png  (rows: base, then each teacher)"
-	@echo "  manifest:   data/zoo/zoo.json  (sizes, timings, classifier accuracy)"
+	@start=$$(date +%s); \
+	dvc repro && \
+	{ dvc push --quiet || echo "warning: dvc push to the local remote failed" >&2; } && \
+	dmm distill --config params.yaml && \
+	for m in $(BASELINES); do dmm merge --method $$m --zoo data/zoo --out data/baselines/$$m || exit 1; done && \
+	dmm generate --student data/student/student --grid $(PREVIEW) --out data/student/preview && \
+	dmm evaluate --config params.yaml && \
+	end=$$(date +%s) && echo "demo_seconds: $$((end - start))" | tee data/demo_time.txt && \
+	echo && \
+	echo "Zoo:       data/zoo (teachers: data/zoo/teachers/<style>, samples: data/zoo/samples.png)" && \
+	echo "Student:   data/student/student (a diffusers DMMStudentPipeline folder)" && \
+	echo "Preview:   data/student/preview/grid.png (one row per style)" && \
+	echo "Report:    data/evaluation/report.html"
 
 test: setup
 	$(BIN)/ruff check dmm pipelines tests benchmarks

@@ -29,6 +29,7 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     from transformers.utils import logging as tlog
 
     tlog.set_verbosity_error()
@@ -265,6 +266,54 @@ def generate_cmd(
         typer.echo(str(path))
 
 
+@app.command("evaluate")
+@one_line_errors
+def evaluate_cmd(
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config (its `evaluate:` section if present).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override, e.g. --set images_per_style=256")
+    ] = None,
+) -> None:
+    """Run the FID_t protocol: student vs teachers vs static baselines; writes JSON + HTML report."""
+    from dmm.config import load_stage_config
+    from dmm.evaluation.config import EvaluateConfig
+
+    cfg = load_stage_config(EvaluateConfig, config, _yaml_section(config, "evaluate"), set_)
+    _quiet_libraries()
+    from dmm.evaluation.protocol import evaluate
+
+    r = evaluate(cfg)
+    typer.echo(
+        f"FD_t ({r['feature_extractor']}): {r['fid_t']:.4g}  reference: {r['fid_t_ref']:.4g}  ratio: {r['fid_t_ratio']:.3f}"
+    )
+    for n in r["styles"]:
+        typer.echo(
+            f"  {n:>12}: style acc {r['style_accuracy'][n]:.2f} (teacher {r['teacher_accuracy'][n]:.2f})"
+        )
+    for b, v in r["baselines"].items():
+        typer.echo(
+            f"  baseline {b}: ratio {v['fid_t_ratio']:.3f}, mean style acc {v['mean_style_accuracy']:.2f}"
+        )
+    typer.echo(f"report: {Path(cfg.output_dir) / 'report.html'}")
+
+
+@app.command("retire")
+@one_line_errors
+def retire_cmd(
+    style: Annotated[list[str], typer.Option(help="Style to retire; repeatable.")],
+    out: Annotated[Path, typer.Option(help="New student folder.")],
+    student: Annotated[Path, typer.Option(help="Student pipeline folder.")] = Path(
+        "data/student/student"
+    ),
+) -> None:
+    """Drop styles from a student (no training; the other styles are unchanged)."""
+    from dmm.student.edit import retire_styles
+
+    typer.echo(f"student: {retire_styles(student, list(style), out)}")
+
+
 @app.command("distill")
 @one_line_errors
 def distill_cmd(
@@ -276,6 +325,10 @@ def distill_cmd(
         typer.Option("--set", help="Override, e.g. --set steps=100 --set losses.feature=0"),
     ] = None,
     resume: Annotated[str | None, typer.Option(help='"latest" or a checkpoint directory.')] = None,
+    from_: Annotated[
+        Path | None,
+        typer.Option("--from", help="Previous student: merge the config's teachers incrementally."),
+    ] = None,
 ) -> None:
     """Distill every teacher into one style-promptable student (runs under accelerate launch too)."""
     from dmm.config import load_stage_config
@@ -284,6 +337,8 @@ def distill_cmd(
     overrides = list(set_ or [])
     if resume is not None:
         overrides.append(f"resume={resume}")
+    if from_ is not None:
+        overrides.append(f"init_from={from_}")
     cfg = load_stage_config(DistillConfig, config, "distill", overrides)
     _quiet_libraries()
     from dmm.distill.trainer import distill

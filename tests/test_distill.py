@@ -21,27 +21,6 @@ from dmm.distill.trainer import TeacherData, assign_teachers, distill, draw, ste
 STUDENT_UNET = "student/unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="session")
-def distill_data(mini_zoo, tmp_path_factory):
-    """Prompts and teacher samples for four mini-zoo teachers plus the base itself."""
-    from dmm.data.config import PromptsConfig, SampleConfig
-    from dmm.data.prompts import build_prompts
-    from dmm.data.samples import sample_all
-
-    zoo, manifest = mini_zoo
-    root = tmp_path_factory.mktemp("distill_data")
-    build_prompts(PromptsConfig(n_train=24, n_eval=8), root / "prompts", manifest)
-    teachers = {
-        s: zoo / manifest["teachers"][s]["path"] for s in ["pastel", "neon", "sepia", "stripes"]
-    }
-    teachers["base"] = zoo / "base"
-    sample_all(
-        teachers, zoo / "base", root / "prompts/train.jsonl", root / "samples",
-        SampleConfig(steps=2, batch_size=32), progress=False,
-    )  # fmt: skip
-    return zoo, root, teachers
-
-
 def make_cfg(data, out: Path, names: list[str], **kw) -> DistillConfig:
     zoo, root, teachers = data
     specs = [{"name": n, "path": teachers[n], "samples": root / "samples" / n} for n in names]

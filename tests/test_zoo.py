@@ -120,10 +120,9 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_zoo_styles_are_separable(tmp_path_factory):
+def test_full_zoo_styles_are_separable(full_zoo):
     """The embedded default zoo: the style classifier tells teachers apart (>= 95%)."""
-    out = tmp_path_factory.mktemp("fullzoo") / "zoo"
-    m = build_zoo(out, ZooConfig())
+    _, m = full_zoo
     metrics = m["metrics"]
     print(json.dumps({"timings_s": m["timings_s"], "metrics": metrics}, indent=1))
     assert metrics["classifier_accuracy"] >= 0.95

@@ -52,6 +52,20 @@ class DistillConfig(BaseModel):
     # "auto" offloads when they would not fit.
     teacher_placement: Literal["auto", "device", "offload"] = "auto"
 
+    # Incremental merging: start from a previous student; its styles that are
+    # neither retired nor replaced are taught by the frozen previous student.
+    init_from: Path | None = Field(None, description="previous student pipeline folder")
+    retire: list[str] = Field(default_factory=list, description="old styles to drop")
+    replace: list[str] = Field(
+        default_factory=list, description="old styles retrained from a new teacher of that name"
+    )
+    old_style_ratio: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of each step's loss spent on old styles (0: no regularization)",
+    )
+
     checkpoint_every: int = Field(100, ge=1)
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description='"latest" or a checkpoint directory')
@@ -66,6 +80,19 @@ class DistillConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate teacher names: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _incremental_fields(self) -> DistillConfig:
+        if self.init_from is None and (self.retire or self.replace):
+            raise ValueError("retire/replace need init_from (a previous student)")
+        names = {t.name for t in self.teachers}
+        missing = sorted(set(self.replace) - names)
+        if missing:
+            raise ValueError(f"replace lists styles with no new teacher: {', '.join(missing)}")
+        both = sorted(set(self.replace) & set(self.retire))
+        if both:
+            raise ValueError(f"styles both retired and replaced: {', '.join(both)}")
         return self
 
     @property

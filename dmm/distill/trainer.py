@@ -43,18 +43,18 @@ log = logging.getLogger(__name__)
 
 
 def assign_teachers(num_teachers: int, world: int) -> list[list[int]]:
-    """Teachers owned by each process: round-robin, any N and process count."""
+    """Sources (teachers) owned by each process: round-robin, any N and process count."""
     if world <= num_teachers:
         return [list(range(r, num_teachers, world)) for r in range(world)]
     return [[r % num_teachers] for r in range(world)]
 
 
 def step_plan(num_teachers: int, world: int, step: int) -> list[list[tuple[int, int]]]:
-    """Per process, the (teacher, repeat) micro-batches of one optimizer step.
+    """Per process, the (source, repeat) micro-batches of one optimizer step.
 
     Every process runs the same number of micro-batches (collectives must
-    match). A process that owns fewer teachers repeats them, rotating with the
-    step, and the loss weights below keep each teacher's share at 1/N.
+    match). A process that owns fewer sources repeats them, rotating with the
+    step; the loss weights in the loop keep each source's share fixed.
     """
     owned = assign_teachers(num_teachers, world)
     slots = max(len(o) for o in owned)
@@ -98,6 +98,13 @@ class TeacherData:
             u["teacher_embeds"].float(),
             u["base_embeds"].float(),
         )
+
+    @classmethod
+    def concat(cls, parts: list[TeacherData]) -> TeacherData:
+        """Pooled x0 for old styles: conditioned on the base encoder for both sides."""
+        latents = torch.cat([p.latents for p in parts])
+        base = torch.cat([p.base_embeds for p in parts])
+        return cls(latents, base, base, parts[0].uncond_base, parts[0].uncond_base)
 
 
 @dataclass
@@ -149,8 +156,66 @@ def _split_output(out):
     return getattr(out, "sample", out), None
 
 
+@dataclass
+class Source:
+    """One kind of micro-batch: a teacher, or the frozen previous student for old styles."""
+
+    name: str
+    weight: float  # share of each optimizer step's loss
+    teacher_index: int | None  # index into cfg.teachers, None for the previous student
+
+
+def plan_styles(cfg: DistillConfig, previous: list[str] | None) -> tuple[list[str], list[str]]:
+    """(final style names, old styles taught by the previous student)."""
+    new = cfg.style_names
+    if previous is None:
+        return new, []
+    unknown = sorted(set(cfg.retire) - set(previous))
+    if unknown:
+        raise DmmError(
+            f"cannot retire unknown styles: {', '.join(unknown)} (known: {', '.join(previous)})"
+        )
+    unknown = sorted(set(cfg.replace) - set(previous))
+    if unknown:
+        raise DmmError(f"cannot replace unknown styles: {', '.join(unknown)}")
+    clash = sorted((set(new) & set(previous)) - set(cfg.replace))
+    if clash:
+        raise DmmError(
+            f"teacher names collide with existing styles: {', '.join(clash)} "
+            "(list them under `replace` to retrain them from the new teacher)"
+        )
+    kept = [n for n in previous if n not in cfg.retire]
+    final = kept + [n for n in new if n not in previous]
+    old = [n for n in kept if n not in cfg.replace]
+    return final, old
+
+
+def make_sources(cfg: DistillConfig, old_styles: list[str]) -> list[Source]:
+    n_new = len(cfg.teachers)
+    r = cfg.old_style_ratio if old_styles else 0.0
+    sources = [Source(t.name, (1 - r) / n_new, i) for i, t in enumerate(cfg.teachers)]
+    if r > 0:
+        sources.append(Source("previous-student", r, None))
+    return sources
+
+
+def base_fingerprint(base_dir: Path) -> str:
+    from dmm.distill.teachers import unet_weights_file
+
+    h = hashlib.sha256()
+    with open(unet_weights_file(base_dir), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+LINEAGE = "dmm_lineage.json"
+
+
 def distill(cfg: DistillConfig) -> Path:
-    """Run distillation; returns the student pipeline folder."""
+    """Run distillation (full, or incremental with ``init_from``); returns the student folder."""
+    import copy
+
     from dmm.student.model import StyleStudent
 
     out_dir = Path(cfg.output_dir)
@@ -163,16 +228,49 @@ def distill(cfg: DistillConfig) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     set_seed(cfg.seed)
-    names = cfg.style_names
-    n_teachers = len(names)
-    owned = assign_teachers(n_teachers, world)[rank]
 
     for spec in cfg.teachers:
         if not spec.path.is_dir():
             raise DmmError(f"teacher {spec.name!r}: pipeline folder not found: {spec.path}")
     base_unet = load_unet(cfg.base)
     base_state = base_unet.state_dict()
-    student = StyleStudent.from_base(base_unet, names, seed=cfg.seed)
+    base_sha = base_fingerprint(cfg.base)
+
+    previous = None
+    lineage_parent = None
+    if cfg.init_from is not None:
+        if not (Path(cfg.init_from) / "model_index.json").is_file():
+            raise DmmError(f"previous student not found: {cfg.init_from}")
+        lineage_file = Path(cfg.init_from) / LINEAGE
+        if lineage_file.is_file():
+            lineage_parent = json.loads(lineage_file.read_text())
+            if lineage_parent.get("base_sha256") not in (None, base_sha):
+                raise DmmError(
+                    f"previous student {cfg.init_from} was merged on another base; run a full merge"
+                )
+        previous = StyleStudent.from_pipeline(cfg.init_from)
+        try:
+            previous.validate_base(base_unet)
+        except ValueError as exc:
+            raise DmmError(str(exc).splitlines()[0]) from exc
+    final_names, old_styles = plan_styles(cfg, previous.style_names if previous else None)
+    sources = make_sources(cfg, old_styles)
+
+    if previous is None:
+        student = StyleStudent.from_base(base_unet, final_names, seed=cfg.seed)
+    else:
+        student = copy.deepcopy(previous)
+        book = previous.style_codebook
+        if cfg.retire:
+            book = book.drop_styles(cfg.retire)
+        added = [n for n in final_names if n not in book.style_names]
+        if added:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                book = book.append_styles(added)
+        student.set_codebook(book)
+        previous.requires_grad_(False)
+        previous.eval()
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
     student.train()
@@ -180,28 +278,45 @@ def distill(cfg: DistillConfig) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         cfg.mixed_precision, torch.float32
     )
+    owned = assign_teachers(len(sources), world)[rank]
+    my_teachers = [sources[i].teacher_index for i in owned if sources[i].teacher_index is not None]
     bank = TeacherBank(
-        [names[i] for i in owned],
-        [cfg.teachers[i].path for i in owned],
+        [cfg.teachers[i].name for i in my_teachers],
+        [cfg.teachers[i].path for i in my_teachers],
         base_state,
         device,
         weight_dtype,
         cfg.teacher_placement,
     )
-    data = {i: TeacherData.load(cfg.teachers[i].samples, names[i]) for i in owned}
-    for i, d in data.items():
-        want = (
-            base_unet.config.in_channels,
-            base_unet.config.sample_size,
-            base_unet.config.sample_size,
-        )
+    data: dict[int, TeacherData] = {}
+    for si in owned:
+        src = sources[si]
+        if src.teacher_index is not None:
+            spec = cfg.teachers[src.teacher_index]
+            data[si] = TeacherData.load(spec.samples, spec.name)
+        else:
+            data[si] = TeacherData.concat(
+                [TeacherData.load(t.samples, t.name) for t in cfg.teachers]
+            )
+            previous.to(device, dtype=weight_dtype)
+    want = (
+        base_unet.config.in_channels,
+        base_unet.config.sample_size,
+        base_unet.config.sample_size,
+    )
+    for si, d in data.items():
         if tuple(d.latents.shape[1:]) != want:
             raise DmmError(
-                f"samples of teacher {names[i]!r} have latent shape {tuple(d.latents.shape[1:])}, "
+                f"samples of {sources[si].name!r} have latent shape {tuple(d.latents.shape[1:])}, "
                 f"the base expects {want}"
             )
     sched_cfg = DDPMScheduler.load_config(Path(cfg.base) / "scheduler")
     alphas = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
+    style_index = {n: i for i, n in enumerate(final_names)}
+    old_prev_index = (
+        torch.tensor([previous.style_names.index(n) for n in old_styles]) if old_styles else None
+    )
+    old_new_index = torch.tensor([style_index[n] for n in old_styles]) if old_styles else None
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -211,7 +326,7 @@ def distill(cfg: DistillConfig) -> Path:
     use_adv = cfg.losses.adversarial > 0
     disc = disc_opt = None
     if use_adv:
-        disc = StyleDiscriminator(load_unet(cfg.base).to(device, weight_dtype), n_teachers)
+        disc = StyleDiscriminator(load_unet(cfg.base).to(device, weight_dtype), len(final_names))
         disc_opt = torch.optim.AdamW(disc.head.parameters(), lr=cfg.losses.discriminator_lr)
         disc, disc_opt = accelerator.prepare(disc, disc_opt)
     student, optimizer, lr_sched = accelerator.prepare(student, optimizer, lr_sched)
@@ -247,27 +362,52 @@ def distill(cfg: DistillConfig) -> Path:
     )
     t_start = time.perf_counter()
     last_good = resume_from
+    ce = torch.nn.functional.cross_entropy
     while progress.step < cfg.steps:
         step = progress.step
-        plan = step_plan(n_teachers, world, step)
+        plan = step_plan(len(sources), world, step)
         global_count = Counter(t for p in plan for t, _ in p)
         sums: Counter = Counter()
-        per_teacher: dict[str, float] = {}
-        for k, (ti, rep) in enumerate(plan[rank]):
-            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, step, ti, rep))
-            mb = draw(data[ti], cfg.batch_size, gen, alphas, cfg.caption_dropout)
+        per_source: dict[str, float] = {}
+        for k, (si, rep) in enumerate(plan[rank]):
+            src = sources[si]
+            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, step, si, rep))
+            mb = draw(data[si], cfg.batch_size, gen, alphas, cfg.caption_dropout)
             x_t, t = mb.x_t.to(device), mb.t.to(device)
+            t_cond = mb.teacher_cond.to(device, weight_dtype)
+            if src.teacher_index is not None:
+                style = style_index[src.name]
+                teacher = bank.get(src.name)
+                prev_style = None
+                hooked = teacher
+            else:
+                # Each sample asks for a random old style; the previous student
+                # shows what that style looked like before this merge.
+                pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
+                style = torch.nn.functional.one_hot(old_new_index[pick], len(final_names)).float()
+                prev_style = torch.nn.functional.one_hot(
+                    old_prev_index[pick], len(previous.style_names)
+                ).float()
+                teacher = previous
+                hooked = previous.unet
             sync = k == len(plan[rank]) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(student)
-            teacher = bank.get(names[ti])
             with ctx:
-                with torch.no_grad(), block_outputs(teacher) as t_feats:
-                    eps_t = teacher(
-                        x_t.to(weight_dtype), t, mb.teacher_cond.to(device, weight_dtype)
-                    ).sample
+                with torch.no_grad(), block_outputs(hooked) as t_feats:
+                    if prev_style is None:
+                        eps_t = teacher(x_t.to(weight_dtype), t, t_cond).sample
+                    else:
+                        eps_t = teacher(
+                            x_t.to(weight_dtype), t, t_cond, style=prev_style.to(device)
+                        )
+                style_arg = style.to(device) if torch.is_tensor(style) else style
                 with accelerator.autocast():
                     out = student(
-                        x_t, t, mb.student_cond.to(device), style=ti, return_features=use_feat
+                        x_t,
+                        t,
+                        mb.student_cond.to(device),
+                        style=style_arg,
+                        return_features=use_feat,
                     )
                     eps_s, s_feats = _split_output(out)
                     terms = {}
@@ -275,34 +415,30 @@ def distill(cfg: DistillConfig) -> Path:
                         terms["score"] = score_loss(eps_s, eps_t)
                     if use_feat:
                         terms["feature"] = feature_loss(s_feats, t_feats)
-                    if use_adv:
+                    if use_adv and src.teacher_index is not None:
                         a_t = alphas.to(device)[t]
                         x0_s = predict_x0(x_t, eps_s.float(), a_t)
                         x0_t = predict_x0(x_t, eps_t.float(), a_t)
                         renoise = mb.renoise.to(device)
                         cond = mb.student_cond.to(device)
-                        fake = torch.full_like(t, n_teachers + ti)
-                        real = torch.full_like(t, ti)
-                        d_loss = torch.nn.functional.cross_entropy(
-                            disc(x0_s.detach(), cond, alphas, renoise), fake
-                        ) + torch.nn.functional.cross_entropy(
+                        fake = torch.full_like(t, len(final_names) + style)
+                        real = torch.full_like(t, style)
+                        d_loss = ce(disc(x0_s.detach(), cond, alphas, renoise), fake) + ce(
                             disc(x0_t, cond, alphas, renoise), real
                         )
-                        terms["adversarial"] = torch.nn.functional.cross_entropy(
-                            disc(x0_s, cond, alphas, renoise), real
-                        )
+                        terms["adversarial"] = ce(disc(x0_s, cond, alphas, renoise), real)
                     loss = terms.get("score", 0.0) * 1.0
                     if use_feat:
                         loss = loss + cfg.losses.feature * terms["feature"]
-                    if use_adv:
+                    if "adversarial" in terms:
                         loss = loss + cfg.losses.adversarial * terms["adversarial"]
                 if not torch.is_tensor(loss):
                     raise DmmError("every loss is switched off; enable at least one")
-                # DDP averages over processes; this weight makes each teacher's
-                # share of the step exactly 1/N whatever the process count.
-                scale = world / (n_teachers * global_count[ti])
+                # DDP averages over processes; this weight gives each source
+                # exactly its share of the step whatever the process count.
+                scale = world * src.weight / global_count[si]
                 accelerator.backward(loss * scale)
-                if use_adv:
+                if "adversarial" in terms:
                     disc_opt.zero_grad(set_to_none=True)
                     accelerator.backward(d_loss * scale)
                     disc_opt.step()
@@ -310,8 +446,8 @@ def distill(cfg: DistillConfig) -> Path:
             for name, v in terms.items():
                 sums[name] += float(v.detach()) / len(plan[rank])
             sums["total"] += float(loss.detach()) / len(plan[rank])
-            per_teacher[names[ti]] = float(terms.get("score", loss).detach())
-            processed[names[ti]] += cfg.batch_size
+            per_source[src.name] = float(terms.get("score", loss).detach())
+            processed[src.name] += cfg.batch_size
 
         finite = torch.tensor([math.isfinite(sums["total"])], device=device, dtype=torch.float32)
         if accelerator.gather(finite).min().item() < 1:
@@ -331,7 +467,7 @@ def distill(cfg: DistillConfig) -> Path:
 
         if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
             record = {f"loss/{k}": v for k, v in sums.items()}
-            record.update({f"loss_score/{k}": v for k, v in per_teacher.items()})
+            record.update({f"loss_score/{k}": v for k, v in per_source.items()})
             record["lr"] = lr_sched.get_last_lr()[0]
             record["step"] = progress.step
             record["elapsed_s"] = round(time.perf_counter() - t_start, 3)
@@ -351,7 +487,14 @@ def distill(cfg: DistillConfig) -> Path:
     bar.close()
 
     (out_dir / f"rank-{rank}.json").write_text(
-        json.dumps({"rank": rank, "world": world, "teachers": owned, "samples": dict(processed)})
+        json.dumps(
+            {
+                "rank": rank,
+                "world": world,
+                "teachers": [sources[i].teacher_index for i in owned],
+                "samples": dict(processed),
+            }
+        )
     )
     accelerator.wait_for_everyone()
     final = out_dir / "student"
@@ -359,12 +502,27 @@ def distill(cfg: DistillConfig) -> Path:
         model = accelerator.unwrap_model(student)
         if ema is not None:
             ema.copy_to(model.parameters())
+        lineage = {
+            "base_sha256": base_sha,
+            "styles": final_names,
+            "merge_kind": "incremental" if previous is not None else "full",
+            "parent": str(cfg.init_from) if cfg.init_from else None,
+            "old_styles": old_styles,
+            "new_styles": [n for n in cfg.style_names],
+            "retired": list(cfg.retire),
+            "old_style_ratio": cfg.old_style_ratio if old_styles else 0.0,
+        }
         with atomic_dir(final) as tmp:
-            model.save_pipeline(tmp, cfg.base)
+            model.save_pipeline(tmp / "pipe", cfg.base)
+            for item in (tmp / "pipe").iterdir():
+                item.rename(tmp / item.name)
+            (tmp / "pipe").rmdir()
+            (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
         summary = {
             "steps": progress.step,
             "world_size": world,
-            "styles": names,
+            "styles": final_names,
+            "merge_kind": lineage["merge_kind"],
             "seconds": round(time.perf_counter() - t_start, 2),
             "teacher_placement": bank.placement,
         }

@@ -1,0 +1,42 @@
+"""The evaluation stage's configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TeacherRef(BaseModel):
+    # Extra keys are ignored so that params.yaml can share one teacher list
+    # (a YAML anchor) between distillation, which also reads `samples`, and evaluation.
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    path: Path
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    student: Path = Path("data/student/student")
+    teachers: list[TeacherRef] = Field(min_length=1)
+    baselines: dict[str, Path] = Field(default_factory=dict, description="name -> pipeline folder")
+    prompts: Path = Path("data/prompts/eval.jsonl")
+    classifier: Path = Path("data/zoo/classifier")
+    output_dir: Path = Path("data/evaluation")
+    feature_extractor: Literal["stylenet", "inception"] = "stylenet"
+    inception_weights: Path | None = None
+    images_per_style: int = Field(192, ge=2)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+    seed: int = Field(1234, ge=0)
+    # The reference floor compares teacher i with itself under other seeds.
+    reference_seed_offset: int = Field(1_000_003, ge=1)
+    interpolate: tuple[str, str] | None = None
+    interpolation_points: int = Field(6, ge=2)
+    batch_size: int = Field(192, ge=1)
+    distill_dir: Path | None = Field(
+        None, description="run folder with metrics.jsonl for loss curves"
+    )

@@ -1,0 +1,135 @@
+"""Incremental merging: new teachers, the previous student as teacher for old styles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dmm.atomic import DmmError
+from dmm.distill.trainer import distill
+from tests.test_distill import make_cfg
+
+
+@pytest.fixture(scope="module")
+def previous(distill_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prev") / "run"
+    distill(make_cfg(distill_data, out, ["pastel", "neon", "sepia"], steps=2))
+    return out / "student"
+
+
+def test_appending_styles_leaves_old_styles_unchanged(previous):
+    import copy
+
+    from dmm.student.model import StyleStudent
+
+    prev = StyleStudent.from_pipeline(previous)
+    grown = copy.deepcopy(prev)
+    grown.set_codebook(prev.style_codebook.append_styles(["stripes"]))
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, 16, 64)
+    for name in prev.style_names:
+        assert torch.equal(prev(x, t, cond, style=name), grown(x, t, cond, style=name))
+
+
+def test_incremental_merge_adds_styles_and_records_lineage(distill_data, previous, tmp_path):
+    from dmm.student.pipeline import DMMStudentPipeline
+
+    out = tmp_path / "inc"
+    cfg = make_cfg(distill_data, out, ["stripes"], steps=3, init_from=previous, old_style_ratio=0.5)
+    final = distill(cfg)
+    pipe = DMMStudentPipeline.from_pretrained(final, local_files_only=True)
+    assert pipe.style_names == ["pastel", "neon", "sepia", "stripes"]
+    lineage = json.loads((final / "dmm_lineage.json").read_text())
+    assert lineage["merge_kind"] == "incremental"
+    assert lineage["old_styles"] == ["pastel", "neon", "sepia"]
+    assert lineage["new_styles"] == ["stripes"]
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    # Both sources contribute: the new teacher and the frozen previous student.
+    assert rec["loss_score/stripes"] > 0 and "loss_score/previous-student" in rec
+    ranks = json.loads((out / "rank-0.json").read_text())
+    assert ranks["samples"]["previous-student"] == 3 * 4
+
+
+def test_without_regularization_only_new_teachers_train(distill_data, previous, tmp_path):
+    out = tmp_path / "noreg"
+    distill(
+        make_cfg(distill_data, out, ["stripes"], steps=1, init_from=previous, old_style_ratio=0.0)
+    )
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_score/previous-student" not in rec
+
+
+def test_name_collision_needs_replace(distill_data, previous, tmp_path):
+    cfg = make_cfg(distill_data, tmp_path / "x", ["neon"], steps=1, init_from=previous)
+    with pytest.raises(DmmError, match="collide with existing styles: neon"):
+        distill(cfg)
+    cfg = make_cfg(
+        distill_data, tmp_path / "y", ["neon"], steps=1, init_from=previous, replace=["neon"]
+    )
+    final = distill(cfg)
+    lineage = json.loads((final / "dmm_lineage.json").read_text())
+    assert lineage["old_styles"] == ["pastel", "sepia"] and lineage["styles"] == [
+        "pastel",
+        "neon",
+        "sepia",
+    ]
+
+
+def test_retired_style_is_gone_and_generation_by_it_fails(distill_data, previous, tmp_path):
+    final = distill(
+        make_cfg(
+            distill_data, tmp_path / "r", ["stripes"], steps=1, init_from=previous, retire=["sepia"]
+        )
+    )
+    assert json.loads((final / "dmm_lineage.json").read_text())["styles"] == [
+        "pastel",
+        "neon",
+        "stripes",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "dmm.cli", "generate", "--student", str(final), "--style", "sepia",
+         "--out", str(tmp_path / "gen"), "--steps", "1", "a red circle"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "unknown style 'sepia'; known styles: pastel, neon, stripes" in r.stderr
+    assert not (tmp_path / "gen").exists()
+
+
+def test_retire_without_training_keeps_other_styles_bit_identical(previous, tmp_path):
+    from dmm.student.codebook import StyleCodebook
+    from dmm.student.edit import retire_styles
+
+    out = retire_styles(previous, ["neon"], tmp_path / "retired")
+    old = StyleCodebook.from_pretrained(previous / "style_codebook")
+    new = StyleCodebook.from_pretrained(out / "style_codebook")
+    assert new.style_names == ["pastel", "sepia"]
+    assert torch.equal(new.vectors[0], old.vectors[0]) and torch.equal(
+        new.vectors[1], old.vectors[2]
+    )
+    with pytest.raises(DmmError, match="cannot retire unknown styles: gothic"):
+        retire_styles(previous, ["gothic"], tmp_path / "r2")
+
+
+def test_previous_student_on_another_base_is_refused(distill_data, previous, tmp_path):
+    import shutil
+
+    moved = tmp_path / "prev"
+    shutil.copytree(previous, moved)
+    lineage = json.loads((moved / "dmm_lineage.json").read_text())
+    lineage["base_sha256"] = "0" * 64
+    (moved / "dmm_lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(DmmError, match="merged on another base; run a full merge"):
+        distill(make_cfg(distill_data, tmp_path / "x", ["stripes"], steps=1, init_from=moved))
+
+
+def test_config_rejects_inconsistent_incremental_fields(distill_data, tmp_path, previous):
+    with pytest.raises(ValueError, match="retire/replace need init_from"):
+        make_cfg(distill_data, tmp_path / "x", ["stripes"], retire=["neon"])
+    with pytest.raises(ValueError, match="replace lists styles with no new teacher"):
+        make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous, replace=["neon"])
