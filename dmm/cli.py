@@ -299,6 +299,37 @@ def evaluate_cmd(
     typer.echo(f"report: {Path(cfg.output_dir) / 'report.html'}")
 
 
+@app.command("ablate")
+@one_line_errors
+def ablate_cmd(
+    config: Annotated[
+        Path, typer.Option(help="YAML with `distill:` and `evaluate:` sections.")
+    ] = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Work folder for the three runs.")] = Path(
+        "data/ablation"
+    ),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="distill override, e.g. --set steps=200")
+    ] = None,
+) -> None:
+    """Loss ablation (paper Table 1): score only, + feature, + adversarial, same budget."""
+    from dmm.config import load_stage_config
+    from dmm.distill.config import DistillConfig
+    from dmm.evaluation.config import EvaluateConfig
+
+    dcfg = load_stage_config(DistillConfig, config, "distill", set_)
+    ecfg = load_stage_config(EvaluateConfig, config, "evaluate", None)
+    _quiet_libraries()
+    from dmm.evaluation.studies import ablation
+
+    r = ablation(dcfg, ecfg, out)
+    typer.echo(f"reference FD_t ({r['feature_extractor']}): {r['fid_t_ref']:.4g}")
+    for name, row in r["rows"].items():
+        typer.echo(
+            f"  {name:<28} FD_t {row['fid_t']:.4g}  ratio {row['fid_t_ratio']:.3f}  style acc {row['mean_style_accuracy']:.2f}"
+        )
+
+
 @app.command("retire")
 @one_line_errors
 def retire_cmd(

@@ -34,6 +34,22 @@ def _read_prompts(path: Path) -> list[str]:
     return read_prompts(path)
 
 
+# Teacher samples depend only on (teacher, prompts, seeds, sampler): memoised per
+# process so that scoring many checkpoints or ablation runs samples them once.
+_TEACHER_SAMPLES: dict[tuple, torch.Tensor] = {}
+
+
+def _teacher_samples(path: Path, prompts: list[str], seeds: list[int], label: str, kw: dict, desc):
+    from dmm.distill.teachers import unet_weights_file
+
+    weights = unet_weights_file(path)
+    key = (str(Path(path).resolve()), weights.stat().st_mtime_ns, tuple(prompts), tuple(seeds),
+           tuple(sorted(kw.items())))  # fmt: skip
+    if key not in _TEACHER_SAMPLES:
+        _TEACHER_SAMPLES[key] = sample(load_pipeline(path), prompts, seeds, desc=desc(label), **kw)
+    return _TEACHER_SAMPLES[key]
+
+
 def fd_matrix(rows: list, cols: list) -> list[list[float]]:
     return [[frechet_distance(*r, *c) for c in cols] for r in rows]
 
@@ -137,6 +153,19 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         a, b = cfg.interpolate or (names[0], names[1])
         strip = interpolation(student, clf, a, b, prompts[:16], seeds[:16], cfg, kw)
         results["interpolation"] = strip["summary"]
+    if cfg.convergence and cfg.distill_dir is not None:
+        import tempfile
+
+        from dmm.evaluation.studies import convergence
+
+        if cfg.base is None:
+            raise DmmError("convergence needs `base` (the base pipeline folder)")
+        with tempfile.TemporaryDirectory(prefix="dmm-convergence-") as work:
+            points = convergence(
+                cfg.distill_dir, cfg.model_copy(update={"convergence": False}), cfg.base, Path(work)
+            )
+        points.append({"step": "final", "fid_t": fid_t, "fid_t_ratio": results["fid_t_ratio"]})
+        results["convergence"] = points
     results["seconds"] = round(time.perf_counter() - t0, 1)
 
     from dmm.evaluation.report import write_report

@@ -110,6 +110,13 @@ def write_report(
                 f"{s['from']} -> {s['to']}, weights {', '.join(f'{w:.2f}' for w in s['weights'])}",
             )
         )
+    if results.get("convergence"):
+        from dmm.evaluation.studies import plot_convergence
+
+        pts = [p for p in results["convergence"] if isinstance(p["step"], int)]
+        if pts:
+            plot_convergence(pts, out / "convergence.png")
+            figures.append(("convergence.png", "FD_t / reference against distillation steps"))
     if metrics_file and _loss_curves(metrics_file, out / "losses.png"):
         figures.append(("losses.png", "distillation losses by step"))
 
