@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +13,30 @@ from pathlib import Path
 
 class DmmError(Exception):
     """A user-facing error: its message is one line that names the problem."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Remove temporaries of ``final`` left by processes that were killed (SIGKILL, OOM)."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)(?:-|$)")
+    if not final.parent.is_dir():
+        return
+    for entry in final.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and not _pid_alive(int(m.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -25,7 +50,8 @@ def atomic_dir(final: Path | str, overwrite: bool = True) -> Iterator[Path]:
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+        remove_stale_temps(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise DmmError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
     try:
@@ -50,7 +76,8 @@ def atomic_file(final: Path | str, mode: str = "w") -> Iterator:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+        remove_stale_temps(final)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
     except OSError as exc:
         raise DmmError(f"cannot write to {final.parent}: {exc.strerror or exc}") from exc
     tmp = Path(tmp_name)

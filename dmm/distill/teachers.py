@@ -111,7 +111,8 @@ class TeacherBank:
     def _freeze(self, unet: UNet2DConditionModel) -> UNet2DConditionModel:
         unet.requires_grad_(False)
         unet.eval()
-        return unet.to(self.device, dtype=self.dtype)
+        unet = unet.to(self.device)
+        return unet if unet.dtype == self.dtype else unet.to(dtype=self.dtype)
 
     def get(self, name: str) -> UNet2DConditionModel:
         if self.placement == "device":

@@ -212,6 +212,19 @@ def base_fingerprint(base_dir: Path) -> str:
 LINEAGE = "dmm_lineage.json"
 
 
+def _truncate_log(metrics_file: Path, step: int) -> None:
+    """Drop records past ``step``: a fresh run starts a fresh log, and a resumed
+    run must not keep the steps a crash made it redo."""
+    if not metrics_file.exists():
+        return
+    keep = [
+        line
+        for line in metrics_file.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    metrics_file.write_text("".join(line + "\n" for line in keep) if step else "")
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Run distillation (full, or incremental with ``init_from``); returns the student folder."""
     import copy
@@ -349,8 +362,8 @@ def distill(cfg: DistillConfig) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("dmm-distill", config=json.loads(cfg.model_dump_json()))
     metrics_file = out_dir / "metrics.jsonl"
-    if resume_from is None and accelerator.is_main_process:
-        metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
+    if accelerator.is_main_process:
+        _truncate_log(metrics_file, progress.step)
     use_feat = cfg.losses.feature > 0
     processed: Counter = Counter()
     bar = tqdm(
