@@ -95,3 +95,38 @@ def atomic_file(final: Path | str, mode: str = "w") -> Iterator:
 def write_text_atomic(path: Path | str, text: str) -> None:
     with atomic_file(path, "w") as fh:
         fh.write(text)
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path | str, what: str) -> Iterator[None]:
+    """Hold an advisory lock on ``directory`` so a second concurrent run fails fast.
+
+    The lock lives in the kernel (flock), so a killed holder releases it.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    made_dir = not directory.exists()
+    lock_file = directory / ".lock"
+    made_file = not lock_file.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_file, "a")  # noqa: SIM115  (held for the block)
+    except OSError as exc:
+        raise DmmError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise DmmError(f"another {what} is already running in {directory}") from exc
+    try:
+        yield
+    finally:
+        # Leave no trace of the lock itself: a failed run must not create files.
+        if made_file:
+            lock_file.unlink(missing_ok=True)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+        if made_dir:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only succeeds if the run wrote nothing

@@ -60,6 +60,14 @@ def one_line_errors(fn):
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        except Exception as exc:  # noqa: BLE001  (last resort: still one line, and a hint)
+            if os.environ.get("DMM_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            typer.echo(
+                f"error: {type(exc).__name__}: {first} (set DMM_DEBUG=1 for the traceback)", err=True
+            )
+            raise typer.Exit(1) from None
         raise typer.Exit(2)
 
     return wrapper

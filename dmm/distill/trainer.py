@@ -227,6 +227,18 @@ def _truncate_log(metrics_file: Path, step: int) -> None:
 
 def distill(cfg: DistillConfig) -> Path:
     """Run distillation (full, or incremental with ``init_from``); returns the student folder."""
+    import os
+
+    from dmm.atomic import exclusive_lock
+
+    # Only the first process of a launch takes the lock (ranks share the folder).
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        with exclusive_lock(cfg.output_dir, "distillation"):
+            return _distill(cfg)
+    return _distill(cfg)
+
+
+def _distill(cfg: DistillConfig) -> Path:
     import copy
 
     from dmm.student.model import StyleStudent
