@@ -389,6 +389,12 @@ def distill_cmd(
 from dmm.merge.cli import merge_command  # noqa: E402  (cheap: torch loads on use)
 
 app.command("merge")(merge_command)
+from dmm.teachers.cli import teachers_app  # noqa: E402
+
+app.add_typer(teachers_app, name="teachers")
+from dmm.student.cli import export_command  # noqa: E402
+
+app.command("export")(export_command)
 
 
 if __name__ == "__main__":

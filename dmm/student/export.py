@@ -85,7 +85,9 @@ def _check_sd_unet_config(config: Mapping[str, Any]) -> int:
     if mid != "UNetMidBlock2DCrossAttn":
         odd.append(mid)
     if odd:
-        raise DmmError(f"cannot map UNet blocks {sorted(set(odd))} to LDM names (SD1.x layout only)")
+        raise DmmError(
+            f"cannot map UNet blocks {sorted(set(odd))} to LDM names (SD1.x layout only)"
+        )
     return lpb
 
 
@@ -107,8 +109,7 @@ def unet_ldm_name(key: str, config: Mapping[str, Any]) -> str:
     patterns: list[tuple[str, Callable[..., str]]] = [
         (
             r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)",
-            lambda b, i, name, rest: f"input_blocks.{1 + b * (n + 1) + i}.0."
-            + _resnet(name, rest),
+            lambda b, i, name, rest: f"input_blocks.{1 + b * (n + 1) + i}.0." + _resnet(name, rest),
         ),
         (
             r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
@@ -133,8 +134,9 @@ def unet_ldm_name(key: str, config: Mapping[str, Any]) -> str:
         ),
         (
             r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
-            lambda u, rest: f"output_blocks.{u * (n + 1) + n}.{2 if up_has_attn[u] else 1}"
-            f".conv.{rest}",
+            lambda u, rest: (
+                f"output_blocks.{u * (n + 1) + n}.{2 if up_has_attn[u] else 1}.conv.{rest}"
+            ),
         ),
     ]
     for pattern, build in patterns:
@@ -168,7 +170,10 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 def vae_ldm_name(key: str, config: Mapping[str, Any]) -> str:
     """The LDM name (without ``first_stage_model.``) of an AutoencoderKL weight."""
     n_up = len(config["up_block_types"])
-    fixed = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+    fixed = {
+        "encoder.conv_norm_out": "encoder.norm_out",
+        "decoder.conv_norm_out": "decoder.norm_out",
+    }
     for prefix, ldm in fixed.items():
         if key.startswith(prefix + "."):
             return ldm + key[len(prefix) :]
@@ -203,7 +208,7 @@ def _vae_resnet(rest: str) -> str:
     return rest.replace("conv_shortcut", "nin_shortcut")
 
 
-def _vae_ldm_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def vae_ldm_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     # LDM's VAE attention uses 1x1 convolutions where diffusers uses Linear layers.
     if ".mid_block.attentions." in key and key.endswith(".weight") and len(shape) == 2:
         return (*shape, 1, 1)
@@ -329,7 +334,7 @@ def export_single_file(
         entries += _component_entries(handles["text_encoder"], text_encoder_ldm_name, cast)
         if vae_class == "AutoencoderKL":
             entries += _component_entries(
-                handles["vae"], lambda k: LDM_VAE + vae_ldm_name(k, vae_cfg), cast, _vae_ldm_shape
+                handles["vae"], lambda k: LDM_VAE + vae_ldm_name(k, vae_cfg), cast, vae_ldm_shape
             )
         else:
             entries += _component_entries(handles["vae"], lambda k: PATCH_VAE + k, cast)
@@ -422,7 +427,9 @@ def ldm_to_unet_state(
 
     unet_keys = {k: v for k, v in state.items() if k.startswith(LDM_UNET)}
     return {
-        k: v for k, v in convert_ldm_unet_checkpoint(unet_keys, dict(config)).items() if v is not None
+        k: v
+        for k, v in convert_ldm_unet_checkpoint(unet_keys, dict(config)).items()
+        if v is not None
     }
 
 
@@ -516,9 +523,7 @@ def import_single_file(file: Path | str, base_dir: Path | str) -> Any:
         text_encoder = CLIPTextModel(text_cfg)
         codebook = StyleCodebook(names, int(vectors.shape[1]))
     flat = not hasattr(text_encoder, "text_model")
-    load_strict(
-        text_encoder, ldm_to_text_encoder_state(state, flat), "text encoder", file
-    )
+    load_strict(text_encoder, ldm_to_text_encoder_state(state, flat), "text encoder", file)
     text_encoder.eval()
     load_strict(codebook, {"vectors": vectors}, "style codebook", file)
 

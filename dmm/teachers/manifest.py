@@ -182,12 +182,16 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def check_inside(path: Path, repo_root: Path, what: str) -> Path:
-    """``path`` resolved (symlinks followed); DmmError if it lies outside ``repo_root``."""
+def check_inside(path: Path, repo_root: Path, what: str, shown: str | None = None) -> Path:
+    """``path`` resolved (symlinks followed); DmmError if it lies outside ``repo_root``.
+
+    ``shown`` is how the user wrote the path, for the message.
+    """
     root = Path(repo_root).resolve()
     resolved = Path(path).resolve()
     if not resolved.is_relative_to(root):
-        raise DmmError(f"{what} {str(path)!r} resolves to {resolved}, outside the project {root}")
+        written = shown if shown is not None else str(path)
+        raise DmmError(f"{what} {written!r} resolves to {resolved}, outside the project {root}")
     return resolved
 
 
@@ -227,11 +231,13 @@ def load_manifest(path: Path, repo_root: Path | None = None) -> TeacherManifest:
         raise DmmError(f"{path}: {_validation_message(exc)}") from None
     if repo_root is not None:
         sources = [("base", manifest.base)]
-        sources += [(f"teachers[{i}] ({t.name}) source", t.source) for i, t in enumerate(manifest.teachers)]
+        sources += [
+            (f"teachers[{i}] ({t.name}) source", t.source) for i, t in enumerate(manifest.teachers)
+        ]
         for what, source in sources:
             if is_local(source):
                 try:
-                    check_inside(local_path(source, repo_root), repo_root, what)
+                    check_inside(local_path(source, repo_root), repo_root, what, source)
                 except DmmError as exc:
                     raise DmmError(f"{path}: {exc}") from None
     return manifest
