@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean dagster-home ui dev mlflow-ui browser
 
 setup: $(STAMP)
 
@@ -23,25 +23,49 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-BASELINES := weighted task_arithmetic ties dare_linear dare_ties
-PREVIEW := "a large red circle in the center" "a small blue square at the top left" "a large green triangle at the bottom right"
+DAGSTER_PORT ?= 3000
+MLFLOW_PORT ?= 5000
+DEFS := -m pipelines.definitions
 
-demo: setup
+# DAGSTER_HOME's instance config comes from the committed template.
+dagster-home: $(DAGSTER_HOME)/dagster.yaml
+
+$(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp pipelines/dagster.yaml $@
+
+# The whole graph, headless, through Dagster: the manifest first (it adds one
+# partition per teacher), then every asset over the range of teachers in one
+# run. Data stages run as `dvc repro` inside the assets, distillation as
+# `accelerate launch` through Dagster Pipes; the student lands in MLflow.
+demo: setup dagster-home
 	@start=$$(date +%s); \
-	dvc repro && \
-	{ dvc push --quiet || echo "warning: dvc push to the local remote failed" >&2; } && \
-	dmm distill --config params.yaml && \
-	for m in $(BASELINES); do dmm merge --method $$m --zoo data/zoo --out data/baselines/$$m || exit 1; done && \
-	dmm generate --student data/student/student --grid $(PREVIEW) --out data/student/preview && \
-	dmm evaluate --config params.yaml && \
+	dagster asset materialize $(DEFS) --select teacher_manifest && \
+	range=$$(python -m pipelines.demo partition-range) && \
+	dagster asset materialize $(DEFS) --select '*' --partition-range "$$range" && \
 	end=$$(date +%s) && echo "demo_seconds: $$((end - start))" | tee data/demo_time.txt && \
-	echo && \
-	echo "Zoo:       data/zoo (teachers: data/zoo/teachers/<style>, samples: data/zoo/samples.png)" && \
-	echo "Student:   data/student/student (a diffusers DMMStudentPipeline folder)" && \
-	echo "Preview:   data/student/preview/grid.png (one row per style)" && \
-	echo "Report:    data/evaluation/report.html"
+	python -m pipelines.demo summary
 
-test: setup
+# The Dagster UI alone (runs, asset graph, launching), bound to this machine.
+ui: setup dagster-home
+	dagster-webserver $(DEFS) -h 127.0.0.1 -p $(DAGSTER_PORT)
+
+# The UI plus the daemon that runs the teacher-manifest sensor and the nightly schedule.
+dev: setup dagster-home
+	dagster dev $(DEFS) -h 127.0.0.1 -p $(DAGSTER_PORT)
+
+mlflow-ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The headless browser the UI test drives (system chromium; Playwright's own
+# download needs network access).
+browser:
+	@command -v chromium >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: no chromium; the browser test will be skipped" >&2
+
+test: setup browser
 	$(BIN)/ruff check dmm pipelines tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -ra
 

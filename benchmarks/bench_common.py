@@ -74,6 +74,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
@@ -158,7 +159,17 @@ def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak RSS of this process (ru_maxrss is KiB on Linux)."""
+    """Peak RSS of this process since its exec (VmHWM).
+
+    Not ru_maxrss: Linux carries the parent's high-water mark into a child
+    across fork + exec, so a child started by a 1 GB parent reports >= 1 GB.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -77,7 +77,9 @@ def atomic_file(final: Path | str, mode: str = "w") -> Iterator:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(final)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent
+        )
     except OSError as exc:
         raise DmmError(f"cannot write to {final.parent}: {exc.strerror or exc}") from exc
     tmp = Path(tmp_name)

@@ -65,7 +65,8 @@ def one_line_errors(fn):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             typer.echo(
-                f"error: {type(exc).__name__}: {first} (set DMM_DEBUG=1 for the traceback)", err=True
+                f"error: {type(exc).__name__}: {first} (set DMM_DEBUG=1 for the traceback)",
+                err=True,
             )
             raise typer.Exit(1) from None
         raise typer.Exit(2)

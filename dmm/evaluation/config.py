@@ -40,3 +40,7 @@ class EvaluateConfig(BaseModel):
     distill_dir: Path | None = Field(
         None, description="run folder with metrics.jsonl for loss curves"
     )
+    convergence: bool = Field(
+        False, description="also score every checkpoint of distill_dir: FD_t ratio vs steps"
+    )
+    base: Path | None = Field(None, description="base pipeline (needed for convergence)")

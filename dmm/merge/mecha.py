@@ -31,6 +31,7 @@ from dmm.merge.stream import (
     _check_out_not_input,
     _is_float,
     merge_record,
+    open_readers,
     open_safetensors,
     plan_merge,
     record_to_metadata,
@@ -243,8 +244,11 @@ def merge_files_mecha(
             sink = _WriterSink(writer, specs)
             sd_mecha.merge(recipe, output=sink, **options)
             restored = writer.missing()
-            for key in restored:
-                writer.write(key, handles[0].get_tensor(key))
+            # Positional reads, not safe_open's memory map: mapped pages would
+            # stay resident and count against sd-mecha's peak RSS.
+            with open_readers(paths[:1]) as (reader,):
+                for key in restored:
+                    writer.write(key, reader.read(key))
     return {
         "out": str(out),
         "keys": len(specs),

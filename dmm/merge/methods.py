@@ -158,32 +158,94 @@ def magnitude_trim(tau: Tensor, k: float) -> Tensor:
 
     A threshold (not ``topk`` indices) decides, so that entries tied with the
     threshold are all kept and the result does not depend on the sort's
-    tie-breaking.
+    tie-breaking. ``tau`` itself is left unchanged.
     """
+    n = tau.numel()
+    if n == 0 or keep_count(n, k) >= n:
+        return tau
+    return magnitude_trim_(tau.clone(), k)
+
+
+def magnitude_trim_(tau: Tensor, k: float) -> Tensor:
+    """:func:`magnitude_trim` in place: the merge owns its deltas, and a copy of
+    each would add a full pass and a tensor's worth of memory per teacher."""
     n = tau.numel()
     m = keep_count(n, k) if n else 0
     if n == 0 or m >= n:
         return tau
-    mag = tau.abs().flatten()
+    mag = tau.abs().reshape(-1)
     # The m-th largest magnitude is the (n - m + 1)-th smallest.
-    threshold = torch.kthvalue(mag, n - m + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    threshold = kth_smallest(mag, n - m + 1)
+    # "not >=" rather than "<": a NaN magnitude is dropped, as torch.where(>=) did.
+    drop = torch.ge(mag, threshold).logical_not_().view(tau.shape)
+    return tau.masked_fill_(drop, 0.0)
+
+
+# Below this size torch.kthvalue is as fast as the bracketing below.
+_SELECT_DIRECT = 1 << 16
+_SELECT_SAMPLE = 1 << 13
+
+
+def kth_smallest(values: Tensor, k: int) -> Tensor:
+    """``torch.kthvalue(values, k).values`` for a 1-D tensor, exactly, in a few passes.
+
+    kthvalue runs a single-threaded quickselect over a copy of the whole tensor,
+    which dominates TIES on SD-sized layers. A sorted strided sample brackets
+    the k-th value; two vectorised comparisons count the entries below and
+    inside the bracket, and kthvalue then runs on the (few percent) inside.
+    When the bracket misses (a sample can be unlucky; NaNs are never inside),
+    the full kthvalue runs, so the result never depends on the sample.
+    """
+    n = values.numel()
+    if n < _SELECT_DIRECT:
+        return torch.kthvalue(values, k).values
+    step = max(1, n // _SELECT_SAMPLE)
+    sample = values[::step].sort().values
+    s = sample.numel()
+    q = k / n
+    # Six standard deviations of the sample rank of the k-th value, plus slack.
+    margin = 6.0 * math.sqrt(s * q * (1.0 - q)) + 8.0
+    lo_i, hi_i = math.floor(q * s - margin), math.ceil(q * s + margin)
+    if lo_i >= 0 and hi_i < s:
+        lo, hi = sample[lo_i], sample[hi_i]
+        # count_nonzero, not bool .sum(): the latter widens to int64 first.
+        below = int(torch.count_nonzero(torch.lt(values, lo)))
+        inside = torch.ge(values, lo).logical_and_(torch.le(values, hi))
+        n_inside = int(torch.count_nonzero(inside))
+        if below < k <= below + n_inside:
+            return torch.kthvalue(values[inside], k - below).values
+    return torch.kthvalue(values, k).values
 
 
 def random_drop(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """DARE: drop each entry with probability p, divide the kept ones by 1 - p."""
+    """DARE: drop each entry with probability p, divide the kept ones by 1 - p.
+
+    ``tau`` itself is left unchanged.
+    """
     if p == 0.0:
         return tau
-    keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32) >= p
-    return torch.where(keep, tau / (1.0 - p), torch.zeros_like(tau))
+    return random_drop_(tau.clone(), p, generator)
+
+
+def random_drop_(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """:func:`random_drop` in place; the same draws, so the same result bit for bit."""
+    if p == 0.0:
+        return tau
+    # rand < p is exactly "not (rand >= p)" (no NaNs), one pass fewer than a negation.
+    drop = torch.rand(tau.shape, generator=generator, dtype=torch.float32) < p
+    return tau.div_(1.0 - p).masked_fill_(drop, 0.0)
+
+
+# The sparsifiers the registered methods use work in place: the generalized
+# method hands each one a fresh delta that nothing else references.
 
 
 def magnitude_sparsifier(k: float) -> Sparsifier | None:
-    return None if k >= 1.0 else (lambda tau: magnitude_trim(tau, k))
+    return None if k >= 1.0 else (lambda tau: magnitude_trim_(tau, k))
 
 
 def dare_sparsifier(p: float, generator: torch.Generator) -> Sparsifier:
-    return lambda tau: random_drop(tau, p, generator)
+    return lambda tau: random_drop_(tau, p, generator)
 
 
 def chain(*sparsifiers: Sparsifier | None) -> Sparsifier | None:
@@ -218,6 +280,27 @@ def sign_consensus_mean(deltas: Tensor, weights: Tensor) -> Tensor:
     return torch.where(denom > 0, num / denom.clamp_min(torch.finfo(deltas.dtype).tiny), 0.0)
 
 
+def _uniform_sign_consensus_mean_(deltas: Tensor) -> Tensor:
+    """:func:`sign_consensus_mean` for equal weights, consuming ``deltas``.
+
+    With every weight 1 the election is the plain sum, and an entry agrees with
+    its elected sign e exactly when d * e > 0. Folding the sign into the deltas
+    (|d| where they agree, 0 elsewhere) gives the disjoint sum as e * sum and
+    the count as the number of positive entries: the same values, bit for bit
+    (rounding is sign-symmetric), with two (T, ...) temporaries fewer.
+    """
+    elected = deltas.sum(dim=0).sign_()
+    agreeing = deltas.mul_(elected).clamp_(min=0.0)
+    num = agreeing.sum(dim=0).mul_(elected)
+    # sign_ turns |d| > 0 into 1 in place (and NaN into 0, as torch.sign does on
+    # CPU): a float count without a (T, ...) bool tensor, whose sum is slow.
+    count = agreeing.sign_().sum(dim=0)
+    merged = torch.where(count > 0, num / count, 0.0)
+    # A NaN delta makes its entry NaN, as in sign_consensus_mean (where
+    # sign(NaN) = 0 matches the elected sign of a NaN sum).
+    return torch.where(num.isnan(), num, merged)
+
+
 def generalized_task_arithmetic(
     base: Tensor,
     teachers: Sequence[Tensor],
@@ -232,25 +315,34 @@ def generalized_task_arithmetic(
     ``combine`` is the weighted sum (weights normalised to 1) or, with
     ``consensus``, the TIES sign election and weighted disjoint mean. Inputs must
     already be float tensors of one shape; see :func:`merge_tensor` for the
-    dtype and validation wrapper.
+    dtype and validation wrapper. ``sparsifier`` gets a fresh delta per teacher
+    and may modify it in place.
     """
     w = normalize_weights(weights, len(teachers))
-    deltas = []
-    for t in teachers:
-        tau = t - base
-        deltas.append(sparsifier(tau) if sparsifier is not None else tau)
     if consensus:
-        stacked = torch.stack(deltas)
+        # Deltas go straight into their rows of the stack: no per-teacher copy.
+        stacked = torch.empty((len(w), *base.shape), dtype=base.dtype, device=base.device)
+        for i, t in enumerate(teachers):
+            d = torch.sub(t, base, out=stacked[i])
+            if sparsifier is not None:
+                r = sparsifier(d)
+                if r is not d:
+                    d.copy_(r)
         # The mean is a ratio, so weights may be rescaled: max -> 1 turns uniform
         # weights into exact ones and the mean into the paper's sum / count.
         top = max(w)
-        rel = torch.tensor([x / top for x in w], dtype=stacked.dtype)
-        merged = sign_consensus_mean(stacked, rel)
+        rel = [x / top for x in w]
+        if all(x == 1.0 for x in rel):
+            merged = _uniform_sign_consensus_mean_(stacked)
+        else:
+            merged = sign_consensus_mean(stacked, torch.tensor(rel, dtype=stacked.dtype))
     else:
         merged = torch.zeros_like(base)
-        for wi, d in zip(w, deltas, strict=True):
-            merged.add_(d, alpha=wi)
-    return base + lam * merged
+        for wi, t in zip(w, teachers, strict=True):
+            tau = t - base
+            merged.add_(sparsifier(tau) if sparsifier is not None else tau, alpha=wi)
+    # lam * merged + base: the same two roundings as base + lam * merged.
+    return merged.mul_(lam).add_(base)
 
 
 # --- the registered methods ----------------------------------------------
@@ -261,7 +353,7 @@ def weighted(
 ) -> Tensor:
     """theta = sum_t w_t theta_t; the base's values are not used."""
     w = normalize_weights(weights, len(teachers))
-    out = torch.zeros_like(teachers[0])
+    out = torch.zeros_like(base)  # base has the teachers' dtype and shape
     for wi, t in zip(w, teachers, strict=True):
         out.add_(t, alpha=wi)
     return out
@@ -427,5 +519,28 @@ def merge_tensor(
     if unknown:
         raise ValueError(f"method {method} does not take {sorted(unknown)}")
     ct = compute_dtype(base.dtype, *(t.dtype for t in teachers))
-    out = m.fn(base.to(ct), [t.to(ct) for t in teachers], key=key, **params)
+    out = m.fn(base.to(ct), _Cast(teachers, ct), key=key, **params)
     return out.to(base.dtype)
+
+
+class _Cast(Sequence[Tensor]):
+    """Teachers converted to the compute dtype one at a time, when a method reads them.
+
+    Converting all up front holds T float32 copies at once; each method reads
+    each teacher once, so only one copy is alive at a time.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> None:
+        self._tensors = list(tensors)
+        self._dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [t.to(self._dtype) for t in self._tensors[i]]
+        return self._tensors[i].to(self._dtype)
+
+    def __iter__(self):
+        return (t.to(self._dtype) for t in self._tensors)

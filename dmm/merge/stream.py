@@ -1,10 +1,13 @@
 """Merge safetensors files key by key, with memory bounded by the largest tensor.
 
-Inputs are opened with ``safetensors.safe_open`` (memory-mapped), one key of each
-file is loaded at a time, and the output is written incrementally: the header is
-known up front from the base's dtypes and shapes, so it is written first and
-each merged tensor's bytes go straight to its slot. The file appears whole (temp
-file, fsync, rename) or not at all.
+Inputs are validated with ``safetensors.safe_open``, but their data is read with
+plain positional reads into fresh buffers, one key of each file at a time: a
+memory map would leave every page it touched resident, so the process's RSS
+would grow to the size of all inputs. The output is written incrementally: the
+header is known up front from the base's dtypes and shapes, so it is written
+first and each merged tensor's bytes go straight to its slot, which also lets a
+small thread pool merge two keys at once. The file appears whole (temp file,
+fsync, rename) or not at all.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -178,6 +183,61 @@ def open_safetensors(paths: Sequence[Path]):
         yield handles
 
 
+class TensorReader:
+    """Reads one tensor at a time from a safetensors file with ``os.preadv``.
+
+    Only for files that ``safe_open`` has already accepted (open_safetensors):
+    the header is parsed again here for the byte ranges, which safe_open does
+    not expose. Each read lands in a new buffer that is freed with its tensor,
+    so memory follows the keys in flight, not the files. Thread-safe (positional
+    reads share no file offset).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, n, 8))
+        except Exception:
+            os.close(self._fd)
+            raise
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()
+        }
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[key]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < len(view):  # preadv may return short counts
+            got = os.preadv(self._fd, [view[done:]], self._start + begin + done)
+            if got <= 0:
+                raise MergeError(f"{self.path}: unexpected end of file reading {key!r}")
+            done += got
+        return buf.view(getattr(torch, _DTYPES[dtype][0])).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@contextlib.contextmanager
+def open_readers(paths: Sequence[Path]) -> Iterator[list[TensorReader]]:
+    readers: list[TensorReader] = []
+    try:
+        for p in paths:
+            readers.append(TensorReader(p))
+        yield readers
+    finally:
+        for r in readers:
+            r.close()
+
+
 def _spec(handle, key: str) -> TensorSpec:
     sl = handle.get_slice(key)
     return TensorSpec(sl.get_dtype(), tuple(int(d) for d in sl.get_shape()))
@@ -230,7 +290,10 @@ def merge_record(
 
     paths = [base, *teachers]
     labels = list(labels) if labels is not None else [p.name for p in paths]
-    files = [{"name": n, "sha256": sha256_file(p)} for n, p in zip(labels, paths, strict=True)]
+    # hashlib releases the GIL on large blocks: hash the files side by side.
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    files = [{"name": n, "sha256": h} for n, h in zip(labels, digests, strict=True)]
     params = cfg.params(len(teachers))
     return {
         "method": cfg.method,
@@ -272,6 +335,36 @@ def _check_out_not_input(out: Path, inputs: Sequence[Path]) -> None:
             raise MergeError(f"output {out} overlaps input {p}: choose another --out")
 
 
+def _workers(requested: int | None) -> int:
+    """Keys merged at once: two by default (one reads and writes while the
+    other computes, and single-threaded kernels such as the DARE draws and
+    kthvalue overlap); more only multiplies the memory of keys in flight."""
+    if requested is not None:
+        if requested < 1:
+            raise MergeError(f"workers must be >= 1, got {requested}")
+        return requested
+    return min(2, os.cpu_count() or 1)
+
+
+def _run_bounded(fn, keys: Sequence[str], workers: int) -> list:
+    """``[fn(k) for k in keys]`` on ``workers`` threads, at most ``workers`` keys in
+    flight (memory stays bounded); the first exception cancels the rest and is raised."""
+    if workers == 1:
+        return [fn(k) for k in keys]
+    results: list = [None] * len(keys)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: dict[Future, int] = {}
+        for i, key in enumerate(keys):
+            if len(pending) >= workers:
+                finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    results[pending.pop(f)] = f.result()  # raises a worker's exception
+            pending[pool.submit(fn, key)] = i
+        for f, i in pending.items():
+            results[i] = f.result()
+    return results
+
+
 def _merge_files(
     cfg: MergeConfig,
     base: Path,
@@ -279,6 +372,7 @@ def _merge_files(
     out: Path,
     labels: Sequence[str] | None = None,
     only_prefix: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     paths = [Path(base), *(Path(t) for t in teachers)]
@@ -286,22 +380,24 @@ def _merge_files(
         raise MergeError("at least one teacher is needed")
     names = list(labels) if labels is not None else [str(p) for p in paths]
     params = cfg.params(len(paths) - 1)  # a weight-count error before any file is opened
-    with open_safetensors(paths) as handles:
+    with open_safetensors(paths) as handles, open_readers(paths) as readers:
         specs = plan_merge(handles, names)
         record = merge_record(cfg, paths[0], paths[1:], labels, only_prefix)
-        merged = copied = 0
+
+        def merge_one(key: str) -> bool:
+            b = readers[0].read(key)
+            if not _is_float(specs[key]) or (only_prefix and not key.startswith(only_prefix)):
+                writer.write(key, b)
+                return False
+            ts = [r.read(key) for r in readers[1:]]
+            writer.write(key, methods.merge_tensor(cfg.method, key, b, ts, **params))
+            return True
+
         with atomic_file(out, "wb") as fh:
             writer = SafetensorsWriter(fh, specs, record_to_metadata(record))
-            for key in writer.order:
-                b = handles[0].get_tensor(key)
-                if not _is_float(specs[key]) or (only_prefix and not key.startswith(only_prefix)):
-                    writer.write(key, b)
-                    copied += 1
-                    continue
-                ts = [h.get_tensor(key) for h in handles[1:]]
-                writer.write(key, methods.merge_tensor(cfg.method, key, b, ts, **params))
-                merged += 1
-                del b, ts
+            done = _run_bounded(merge_one, writer.order, _workers(workers))
+            merged = sum(done)
+            copied = len(done) - merged
     seconds = time.perf_counter() - t0
     log.info("merged %d keys (%d copied from base) into %s in %.1fs", merged, copied, out, seconds)
     return {
@@ -322,6 +418,7 @@ def merge_files(
     method: str,
     *,
     only_prefix: str | None = None,
+    workers: int | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """Merge safetensors files key by key into ``out``; return a summary.
@@ -329,7 +426,8 @@ def merge_files(
     ``params`` are MergeConfig fields (weights, lam, k, p, seed); defaults are
     recorded too. Keys outside ``only_prefix`` (e.g. the text encoder and VAE of
     a single-file SD checkpoint when ``only_prefix="model.diffusion_model."``)
-    and non-float tensors are copied from the base.
+    and non-float tensors are copied from the base. ``workers`` keys are merged
+    at once (default 2); the output is the same bytes for any value.
     """
     cfg = MergeConfig(method=method, **params)
     paths = [Path(base), *(Path(t) for t in teachers)]
@@ -337,7 +435,7 @@ def merge_files(
     if out.is_dir():
         raise MergeError(f"output {out} is a folder: give a .safetensors file path")
     _check_out_not_input(out, paths)
-    return _merge_files(cfg, paths[0], paths[1:], out, only_prefix=only_prefix)
+    return _merge_files(cfg, paths[0], paths[1:], out, only_prefix=only_prefix, workers=workers)
 
 
 def _pipeline_weights(folder: Path) -> Path:

@@ -1,0 +1,180 @@
+"""Register a student folder as a version of one MLflow registered model.
+
+- The version's artifact is a pyfunc model (``dmm.registry.pyfunc``) holding the
+  student pipeline folder and a snapshot of the ``dmm`` package.
+- Idempotent: every version is tagged with the sha256 of the student folder; the
+  same folder registered again reuses its version instead of adding one.
+- Aliases: ``champion`` moves to a version only when its evaluation gate
+  passed; otherwise the version is the ``challenger``. Nothing here ever moves
+  ``champion`` for a failed gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmm.atomic import DmmError
+from mlflow import MlflowClient
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SHA_TAG = "dmm.student_sha256"
+MODEL_ARTIFACT = "student_model"
+
+
+@dataclass
+class RegisteredStudent:
+    name: str
+    version: str
+    alias: str
+    reused: bool
+    student_sha256: str
+    source: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def student_sha256(student_dir: Path) -> str:
+    """sha256 over the relative paths and contents of every file in the folder."""
+    student_dir = Path(student_dir)
+    if not (student_dir / "model_index.json").is_file():
+        raise DmmError(f"not a student pipeline folder (no model_index.json): {student_dir}")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in student_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(student_dir).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue  # leftovers of interrupted atomic writes are not part of the model
+        file_hash = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                file_hash.update(chunk)
+        digest.update(f"{rel}\0{file_hash.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def student_styles(student_dir: Path) -> list[str]:
+    """The style names of a student folder, read from its codebook config (no weights loaded)."""
+    config = Path(student_dir) / "style_codebook" / "config.json"
+    try:
+        return list(json.loads(config.read_text())["style_names"])
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise DmmError(f"cannot read the style names of {student_dir}: {exc}") from exc
+
+
+def _dmm_source_snapshot(dest: Path) -> Path:
+    """A copy of the installed ``dmm`` package, so the model loads where dmm is not installed."""
+    import dmm
+
+    src = Path(dmm.__file__).parent
+    out = dest / "dmm"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return out
+
+
+def save_student_model(student_dir: Path, dest: Path, styles: list[str], sha: str) -> Path:
+    """Write an MLflow pyfunc model folder for ``student_dir`` at ``dest``."""
+    import mlflow.pyfunc
+
+    from dmm.registry.pyfunc import STUDENT_ARTIFACT, model_signature
+    from dmm.registry.requirements import pinned_requirements
+
+    code = _dmm_source_snapshot(dest.parent / "code")
+    mlflow.pyfunc.save_model(
+        path=str(dest),
+        # By file, not by object: importing it would run its set_model().
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={STUDENT_ARTIFACT: str(student_dir)},
+        code_paths=[str(code)],
+        pip_requirements=pinned_requirements(),
+        signature=model_signature(),
+        metadata={"styles": styles, SHA_TAG: sha},
+    )
+    return dest
+
+
+def find_version(client: MlflowClient, name: str, sha: str):
+    versions = client.search_model_versions(f"name='{name}' and tags.`{SHA_TAG}`='{sha}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def register_student(
+    client: MlflowClient,
+    *,
+    model_name: str,
+    run_id: str,
+    student_dir: Path,
+    passed: bool,
+    tags: Mapping[str, str],
+    merge_kind: str = "full",
+    parent_version: str = "",
+) -> RegisteredStudent:
+    """Log (or reuse) the model version of ``student_dir`` and set its alias."""
+    from mlflow.exceptions import MlflowException
+
+    student_dir = Path(student_dir)
+    sha = student_sha256(student_dir)
+    version_tags = {
+        **{k: str(v) for k, v in tags.items()},
+        SHA_TAG: sha,
+        "dmm.merge_kind": merge_kind,
+        "dmm.parent_version": parent_version,
+    }
+    created_model = False
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(
+            model_name, description="DMM students: one style-promptable model per merge."
+        )
+        created_model = True
+
+    existing = None if created_model else find_version(client, model_name, sha)
+    reused = existing is not None
+    try:
+        if existing is None:
+            styles = student_styles(student_dir)
+            with tempfile.TemporaryDirectory(prefix="dmm-model-") as tmp:
+                model_dir = save_student_model(student_dir, Path(tmp) / "model", styles, sha)
+                client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+            source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+            existing = client.create_model_version(
+                model_name, source=source, run_id=run_id, tags=version_tags
+            )
+    except BaseException:
+        if created_model:
+            # Leave no empty registered model behind a failed first registration.
+            client.delete_registered_model(model_name)
+        raise
+    version = str(existing.version)
+    client.set_model_version_tag(model_name, version, "dmm.gate", "passed" if passed else "failed")
+
+    if passed:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        if _alias_version(client, model_name, CHALLENGER) == version:
+            client.delete_registered_model_alias(model_name, CHALLENGER)
+        alias = CHAMPION
+    elif _alias_version(client, model_name, CHAMPION) == version:
+        # An older, passing evaluation of these very weights made them champion;
+        # a later failing gate keeps them there (a failure never moves champion).
+        alias = CHAMPION
+    else:
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        alias = CHALLENGER
+    return RegisteredStudent(model_name, version, alias, reused, sha, existing.source)
