@@ -224,6 +224,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         )
         rows.append(("step time per teacher growth N 2->16",
                      f"{s['step_time_per_teacher_growth']:+.1%}", "(report)", ""))  # fmt: skip
+        for n, row in s["per_n"].items():
+            rows.append((f"  N={n}: step / host peak RSS / device-resident",
+                         f"{row['step_s'] * 1e3:.0f} ms / {row['peak_rss_mib']:.0f} MiB / "
+                         f"{row['device_resident_mib']:.2f} MiB", "(report)", ""))  # fmt: skip
     if "inference_vs_teacher" in results:
         r = results["inference_vs_teacher"]
         rows.append(("student / teacher inference time", f"{r:.3f}x", "<= 1.02x",
@@ -233,6 +237,11 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      "<= 1.0x (goal 0.5x)", check(v["time_ratio"], "merge_time_ratio")))  # fmt: skip
         rows.append((f"merge {method}: dmm / sd-mecha peak RSS", f"{v['rss_ratio']:.3f}x",
                      "<= 1.0x (goal 0.5x)", check(v["rss_ratio"], "merge_rss_ratio")))  # fmt: skip
+        m = d["static_merge_vs_sd_mecha"][method]
+        rows.append((f"  {method}: dmm vs sd-mecha (s / peak MiB)",
+                     f"{m['dmm_seconds']['median']:.1f} / {m['dmm_peak_rss_mib']:.0f} vs "
+                     f"{m['sd_mecha_seconds']['median']:.1f} / {m['sd_mecha_peak_rss_mib']:.0f}",
+                     "(report)", ""))  # fmt: skip
     if "demo_seconds" in results:
         v = results["demo_seconds"]
         rows.append(("make demo wall time", "n/a" if v is None else f"{v:.0f} s", "(report)",
@@ -306,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     print(f"\nwrote {out_file} in {results['wall_s']:.0f} s")
+    if mode_name == "quick" and args.only is None and results["wall_s"] > 300:
+        print(
+            f"warning: quick mode took more than its 5-minute budget (1-min load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+        )
     if args.record:
         with open(BENCH_DIR / "RESULTS.md", "a") as fh:
             fh.write("\n" + markdown(results, rows))

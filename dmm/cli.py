@@ -298,12 +298,12 @@ def evaluate_cmd(
         f"FD_t ({r['feature_extractor']}): {r['fid_t']:.4g}  reference: {r['fid_t_ref']:.4g}  ratio: {r['fid_t_ratio']:.3f}"
     )
     for n in r["styles"]:
-        typer.echo(
-            f"  {n:>12}: style acc {r['style_accuracy'][n]:.2f} (teacher {r['teacher_accuracy'][n]:.2f})"
-        )
+        acc, ref = r["style_accuracy"][n], r["teacher_accuracy"][n]
+        shown = "n/a" if acc is None else f"{acc:.2f} (teacher {ref:.2f})"
+        typer.echo(f"  {n:>12}: style acc {shown}")
     for b, v in r["baselines"].items():
         typer.echo(
-            f"  baseline {b}: ratio {v['fid_t_ratio']:.3f}, mean style acc {v['mean_style_accuracy']:.2f}"
+            f"  baseline {b}: ratio {v['fid_t_ratio']:.3f}, mean style acc {v['mean_style_accuracy']}"
         )
     typer.echo(f"report: {Path(cfg.output_dir) / 'report.html'}")
 
@@ -335,7 +335,7 @@ def ablate_cmd(
     typer.echo(f"reference FD_t ({r['feature_extractor']}): {r['fid_t_ref']:.4g}")
     for name, row in r["rows"].items():
         typer.echo(
-            f"  {name:<28} FD_t {row['fid_t']:.4g}  ratio {row['fid_t_ratio']:.3f}  style acc {row['mean_style_accuracy']:.2f}"
+            f"  {name:<28} FD_t {row['fid_t']:.4g}  ratio {row['fid_t_ratio']:.3f}  style acc {row['mean_style_accuracy']}"
         )
 
 

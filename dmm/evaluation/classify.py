@@ -24,15 +24,18 @@ def style_probabilities(clf, images01: torch.Tensor) -> torch.Tensor:
     return clf.predict(images01 * 2 - 1, "style")
 
 
-def style_accuracy(clf, images_by_style: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Fraction of each style's images classified as that style."""
+def style_accuracy(clf, images_by_style: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Fraction of each style's images classified as that style.
+
+    Styles the classifier was not trained on (e.g. real teachers scored with the
+    zoo's classifier) get None: accuracy is undefined for them, not zero.
+    """
     names = list(clf.config.heads["style"])
-    acc = {}
+    acc: dict[str, float | None] = {}
     for style, imgs in images_by_style.items():
         if style not in names:
-            raise DmmError(
-                f"style {style!r} is unknown to the classifier (knows {', '.join(names)})"
-            )
+            acc[style] = None
+            continue
         pred = style_probabilities(clf, imgs).argmax(-1)
         acc[style] = float((pred == names.index(style)).float().mean())
     return acc

@@ -140,13 +140,17 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         row = [frechet_distance(*b_stat, *t_stats[j]) for j in range(len(names))]
         probs = style_probabilities(clf, imgs).argmax(-1)
         cls_names = list(clf.config.heads["style"])
-        acc = {n: float((probs == cls_names.index(n)).float().mean()) for n in names}
+        acc = {
+            n: float((probs == cls_names.index(n)).float().mean()) if n in cls_names else None
+            for n in names
+        }
+        known = [v for v in acc.values() if v is not None]
         results["baselines"][b] = {
             "fid_t": sum(row),
             "fid_t_ratio": sum(row) / fid_t_ref if fid_t_ref > 0 else float("inf"),
             "M_row": row,
             "style_accuracy": acc,
-            "mean_style_accuracy": sum(acc.values()) / len(acc),
+            "mean_style_accuracy": sum(known) / len(known) if known else None,
         }
     strip = None
     if cfg.interpolate or len(names) >= 2:

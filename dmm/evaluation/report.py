@@ -124,7 +124,10 @@ def write_report(
         th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
         body = "".join(
             "<tr>"
-            + "".join(f"<td>{html.escape(c if isinstance(c, str) else f'{c:.4g}')}</td>" for c in r)
+            + "".join(
+                f"<td>{html.escape(c if isinstance(c, str) else 'n/a' if c is None else f'{c:.4g}')}</td>"
+                for c in r
+            )
             + "</tr>"
             for r in rows
         )

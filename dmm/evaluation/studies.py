@@ -16,6 +16,11 @@ from dmm.evaluation.config import EvaluateConfig
 log = logging.getLogger(__name__)
 
 
+def _mean(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def student_from_checkpoint(checkpoint: Path, like: Path, out: Path, base: Path) -> Path:
     """Write a student pipeline folder from a training checkpoint.
 
@@ -90,7 +95,7 @@ def ablation(distill_cfg: DistillConfig, eval_cfg: EvaluateConfig, work: Path) -
         rows[name] = {
             "fid_t": r["fid_t"],
             "fid_t_ratio": r["fid_t_ratio"],
-            "mean_style_accuracy": sum(r["style_accuracy"].values()) / len(r["style_accuracy"]),
+            "mean_style_accuracy": _mean(r["style_accuracy"].values()),
         }
         log.info("%s: ratio %.3f", name, r["fid_t_ratio"])
     result = {

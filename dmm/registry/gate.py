@@ -67,6 +67,8 @@ def check_gate(results: dict, thresholds: GateThresholds) -> GateResult:
         )
     )
     for name in results["styles"]:
+        if results["style_accuracy"][name] is None or results["teacher_accuracy"][name] is None:
+            continue  # the style classifier does not know this style: no accuracy bar
         student = float(results["style_accuracy"][name])
         teacher = float(results["teacher_accuracy"][name])
         need = thresholds.min_relative_style_accuracy * teacher

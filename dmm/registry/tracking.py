@@ -139,7 +139,7 @@ def evaluation_metrics(results: dict) -> dict[str, float]:
     for b, v in (results.get("baselines") or {}).items():
         out[f"baseline/{b}/fid_t_ratio"] = v["fid_t_ratio"]
         out[f"baseline/{b}/mean_style_accuracy"] = v["mean_style_accuracy"]
-    return {k: float(v) for k, v in out.items()}
+    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def log_evaluation(client: MlflowClient, run_id: str, results: dict, report_dir: Path) -> None:
