@@ -348,7 +348,8 @@ def _workers(requested: int | None) -> int:
 
 def _run_bounded(fn, keys: Sequence[str], workers: int) -> list:
     """``[fn(k) for k in keys]`` on ``workers`` threads, at most ``workers`` keys in
-    flight (memory stays bounded); the first exception cancels the rest and is raised."""
+    flight (memory stays bounded). After the first exception no key is started;
+    the keys in flight finish and that exception is raised."""
     if workers == 1:
         return [fn(k) for k in keys]
     results: list = [None] * len(keys)
