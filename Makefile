@@ -67,7 +67,7 @@ browser:
 
 test: setup browser
 	$(BIN)/ruff check dmm pipelines tests benchmarks
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -ra
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -ra --durations=30
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -ra -m "not slow"

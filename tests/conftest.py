@@ -54,3 +54,14 @@ def distill_data(mini_zoo, tmp_path_factory):
         SampleConfig(steps=2, batch_size=32), progress=False,
     )  # fmt: skip
     return zoo, root, teachers
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """A miniature project checkout with the whole Dagster graph materialized once.
+
+    Shared by the pipeline and UI tests: the build is the expensive part (minutes).
+    """
+    from tests.pipeline_support import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("pipeline"))

@@ -165,3 +165,10 @@ def test_manifest_parser_accepts_or_rejects_cleanly(text):
         assert len(seen) == len(set(seen))
         for t in m.teachers:
             assert "/" not in t.name and not t.name.startswith(".")
+
+
+def test_override_with_a_control_character_is_a_one_line_error():
+    # Found by the fuzzer: YAML rejects control characters with a multi-line error.
+    with pytest.raises(ValueError, match="unreadable value") as info:
+        parse_overrides(["0=\x1f"])
+    _one_line(info.value)
