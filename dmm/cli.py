@@ -201,6 +201,9 @@ def sample_cmd(
         list[str] | None, typer.Option("--set", help="Override, e.g. --set steps=10")
     ] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    summary: Annotated[
+        bool, typer.Option(help="Also write OUT/samples.json over the teachers sampled.")
+    ] = True,
 ) -> None:
     """Cache teacher-generated x0 latents and text embeddings for distillation."""
     from dmm.atomic import DmmError
@@ -227,7 +230,7 @@ def sample_cmd(
     base_dir = base or (zoo / "base" if zoo else None)
     if base_dir is None:
         raise DmmError("give --base (or --zoo)")
-    done = sample_all(dirs, base_dir, prompts, out, cfg, device=device)
+    done = sample_all(dirs, base_dir, prompts, out, cfg, device=device, summary=summary)
     counts = ", ".join(f"{k}: {v['num_samples']}" for k, v in done.items())
     typer.echo(f"samples: {out} ({counts})")
 

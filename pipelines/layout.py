@@ -13,6 +13,8 @@ PROMPTS = "data/prompts"
 TEACHERS = "data/teachers"
 SAMPLES = "data/samples"
 STUDENT = "data/student"
+# Previous champions downloaded from the registry, parents of incremental merges.
+PARENTS = "data/parents"
 BASELINES = "data/baselines"
 EVALUATION = "data/evaluation"
 PREVIEW = "data/student/preview"
@@ -25,6 +27,11 @@ PREVIEW_PROMPTS = (
     "a small blue square at the top left",
     "a large green triangle at the bottom right",
 )
+
+
+def sample_stage(index: int) -> str:
+    """The DVC stage of the samples of the manifest's teacher at ``index``."""
+    return f"samples@{index}"
 
 
 def teacher_stage(index: int) -> str:

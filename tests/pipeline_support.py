@@ -4,7 +4,7 @@ The copy is a real DVC repository (``dvc init --no-scm``, a local remote in the
 temp folder) whose params.yaml shrinks the DVC stages (zoo, prompts, samples),
 since DVC reads its parameters from there; the Dagster run config carries the
 miniature distillation and evaluation settings. MLflow is a sqlite file in the
-same temp folder. Three test modules share one build through ``built_pipeline``.
+same temp folder. Three test modules share one build through the ``built`` fixture (conftest).
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from tests.pipeline_support import (
+    LENIENT_GATE,
     MODEL_NAME,
     REPO,
     free_port,
     make_repo,
+    materialize_all,
     resources_for,
     run,
     run_config,
@@ -96,7 +98,8 @@ def test_dvc_status_is_clean_and_the_remote_holds_everything(built):
     cloud = run(["dvc", "status", "--cloud", "--json"], built.repo)
     assert json.loads(cloud.stdout) == {}
     stages = yaml.safe_load((built.repo / "dvc.lock").read_text())["stages"]
-    assert {"zoo", "prompts", "samples", *(f"teachers@{i}" for i in range(5))} <= set(stages)
+    per_teacher = [f"{kind}@{i}" for kind in ("samples", "teachers") for i in range(5)]
+    assert {"zoo", "prompts", *per_teacher} <= set(stages)
 
 
 def test_dvc_repro_rebuilds_the_data_layer_without_dagster(built):
@@ -357,4 +360,72 @@ def test_failing_gate_blocks_registration_and_keeps_champion(built):
 def test_a_fresh_repo_copy_has_the_project_stages(tmp_path):
     repo = make_repo(tmp_path / "repo")
     stages = run(["dvc", "stage", "list", "--name-only"], repo).stdout.split()
-    assert stages == ["zoo", "prompts", "samples", *(f"teachers@{i}" for i in range(5))]
+    per_teacher = [f"{kind}@{i}" for kind in ("samples", "teachers") for i in range(5)]
+    assert stages == ["zoo", "prompts", *per_teacher]
+
+
+# --- incremental re-merge from the champion ---------------------------------------------
+
+
+def _copy_project(built, dest: Path) -> tuple[Path, str]:
+    """An independent copy of the built project (checkout, DVC remote, MLflow store)."""
+    repo = dest / "repo"
+    shutil.copytree(built.repo, repo, symlinks=True)
+    shutil.copytree(built.repo.parent / "remote", dest / "remote")
+    shutil.copy(built.repo.parent / "mlflow.db", dest / "mlflow.db")
+    run(["dvc", "remote", "modify", "local", "url", str(dest / "remote")], repo)
+    return repo, f"sqlite:///{dest / 'mlflow.db'}"
+
+
+def test_an_added_teacher_is_merged_incrementally_and_the_guard_judges_old_styles(built, tmp_path):
+    from mlflow import MlflowClient
+
+    repo, uri = _copy_project(built, tmp_path)
+    parent_version, _ = champion(uri)
+    manifest = repo / "data" / "teachers.yaml"
+    manifest.write_text(manifest.read_text() + '  - {name: pastel2, source: "zoo:pastel"}\n')
+    resources = resources_for(repo, uri)
+    gate = {**LENIENT_GATE, "max_old_style_regression": 1e9}
+    result = materialize_all(repo, dg.DagsterInstance.ephemeral(), resources, gate=gate)
+    assert result.success
+    student = materializations(result)["merged_student"][0].metadata
+    assert student["merge_kind"].value == "incremental"
+    assert student["parent_version"].value == parent_version
+    assert student["trained_teachers"].value == ["pastel2"]  # no old teacher was trained
+    lineage = json.loads((repo / "data/student/student/dmm_lineage.json").read_text())
+    assert lineage["old_styles"] == TEACHERS and lineage["new_styles"] == ["pastel2"]
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    new = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(new.version) != parent_version
+    assert new.tags["dmm.merge_kind"] == "incremental"
+    assert new.tags["dmm.parent_version"] == parent_version
+    assert new.tags["dmm.teachers"] == ",".join([*TEACHERS, "pastel2"])
+    assert client.get_run(new.run_id).data.tags["dmm.merge_kind"] == "incremental"
+
+    # The guard: old styles far worse than the parent had them keep the champion where it is.
+    plan_file = repo / "data/student/merge_plan.json"
+    plan = json.loads(plan_file.read_text())
+    assert sorted(plan["parent_diag_fd"]) == sorted(TEACHERS)
+    plan["parent_diag_fd"] = {s: 1e-6 for s in plan["parent_diag_fd"]}
+    plan_file.write_text(json.dumps(plan))
+    from pipelines.defs.asset_checks import evaluation_gate
+    from pipelines.defs.assets import ASSETS
+
+    config = run_config(gate=LENIENT_GATE)  # params.yaml's 10% tolerance applies
+    result = dg.materialize(
+        [*ASSETS, evaluation_gate],
+        selection=["evaluation", "registered_model"],
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={
+            "ops": {k: config["ops"][k] for k in ("evaluation", "evaluation_evaluation_gate")}
+        },
+        raise_on_error=False,
+    )
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 1 and not checks[0].passed
+    for style in TEACHERS:
+        assert f"old style {style}: FD" in checks[0].description
+    assert "pastel2" not in checks[0].description
+    assert champion(uri)[0] == str(new.version)

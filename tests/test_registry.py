@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_support import MODEL_NAME, build_pipeline, free_port, tool_env
+from tests.pipeline_support import MODEL_NAME, free_port, tool_env
 
 pytestmark = pytest.mark.timeout(1200)
 STYLES = ["pastel", "neon", "sepia", "blueprint", "stripes"]
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    return build_pipeline(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture

@@ -449,8 +449,12 @@ def sample_all(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    summary: bool = True,
 ) -> dict[str, dict]:
     """Sample every teacher into ``out_root/<name>`` and write ``out_root/samples.json``.
+
+    ``summary=False`` skips the summary file: a DVC stage per teacher owns only
+    its own folder under ``out_root``.
 
     Teachers whose samples are up to date are skipped, so an interrupted run
     resumes at the first teacher it had not finished.
@@ -472,7 +476,9 @@ def sample_all(
         )  # fmt: skip
         for name, tdir in zoo_or_teacher_dirs.items()
     }
-    summary = {
+    if not summary:
+        return indexes
+    overview = {
         "prompts_file": str(prompts_file),
         "prompts_sha256": sha256_prompts(prompts),
         "config": cfg.model_dump(),
@@ -481,5 +487,5 @@ def sample_all(
             for name, idx in indexes.items()
         },
     }
-    write_text_atomic(out_root / "samples.json", json.dumps(summary, indent=2))
+    write_text_atomic(out_root / "samples.json", json.dumps(overview, indent=2))
     return indexes

@@ -15,6 +15,8 @@ class RegistryConfig(BaseModel):
     model_name: str = Field("dmm-student", min_length=1, max_length=256)
     experiment: str = Field("dmm", min_length=1)
     gate: GateThresholds = Field(default_factory=GateThresholds)
-    # Incremental merging (a later issue) records its parent version here.
-    merge_kind: Literal["full", "incremental"] = "full"
-    parent_version: str = ""
+    # "auto": a manifest that only gained, lost or replaced teachers since the
+    # champion is merged incrementally from it; "full" always merges from the base.
+    merge: Literal["auto", "full"] = "auto"
+    # Distillation settings of incremental merges, on top of params.yaml `distill`.
+    incremental: dict = Field(default_factory=lambda: {"steps": 200, "old_style_ratio": 0.5})

@@ -27,6 +27,12 @@ class GateThresholds(BaseModel):
         gt=0,
         description="student FD_t ratio <= this x the best static baseline's ratio (1.0: beat it)",
     )
+    max_old_style_regression: float = Field(
+        0.10,
+        ge=0,
+        description="incremental merges: each old style's diagonal FD may exceed the previous "
+        "champion's by at most this fraction",
+    )
 
 
 @dataclass
@@ -53,8 +59,14 @@ class GateResult:
         return "; ".join(self.failures)
 
 
-def check_gate(results: dict, thresholds: GateThresholds) -> GateResult:
-    """Judge an ``evaluation.json`` (as written by ``dmm evaluate``) against the thresholds."""
+def check_gate(
+    results: dict, thresholds: GateThresholds, previous_diag: dict[str, float] | None = None
+) -> GateResult:
+    """Judge an ``evaluation.json`` (as written by ``dmm evaluate``) against the thresholds.
+
+    ``previous_diag`` (incremental merges) maps each old style to the previous
+    champion's diagonal FD; an old style that regressed beyond the tolerance fails.
+    """
     criteria: list[GateCriterion] = []
     ratio = float(results["fid_t_ratio"])
     criteria.append(
@@ -94,6 +106,22 @@ def check_gate(results: dict, thresholds: GateThresholds) -> GateResult:
                 ratio <= limit,
                 f"FD_t ratio {ratio:.3f} vs best static baseline {best_name} "
                 f"{best['fid_t_ratio']:.3f} (max {limit:.3f})",
+            )
+        )
+    index = {name: i for i, name in enumerate(results["styles"])}
+    for name, before in sorted((previous_diag or {}).items()):
+        if name not in index:
+            continue  # retired
+        now = float(results["M"][index[name]][index[name]])
+        limit = before * (1 + thresholds.max_old_style_regression)
+        criteria.append(
+            GateCriterion(
+                f"old_style/{name}",
+                now,
+                limit,
+                now <= limit,
+                f"old style {name}: FD {now:.3f} vs previous champion {before:.3f} "
+                f"(max {limit:.3f}, +{thresholds.max_old_style_regression:.0%})",
             )
         )
     return GateResult(all(c.passed for c in criteria), criteria)

@@ -15,19 +15,24 @@ from pipelines.defs.resources import MlflowResource, ProjectResource
     asset=evaluation,
     name=EVALUATION_GATE,
     blocking=True,
-    description="FD_t ratio, per-style accuracy relative to each teacher, and the margin over "
-    "the best static baseline (thresholds: params.yaml registry.gate, or run config).",
+    description="FD_t ratio, per-style accuracy relative to each teacher, the margin over "
+    "the best static baseline, and (incremental merges) no old style regressed against the "
+    "parent champion (thresholds: params.yaml registry.gate, or run config).",
 )
 def evaluation_gate(
     config: GateRunConfig, project: ProjectResource, mlflow: MlflowResource
 ) -> dg.AssetCheckResult:
     from dmm.registry import tracking
     from dmm.registry.gate import GateThresholds, check_gate
+    from dmm.registry.lineage import read_plan
 
     defaults = (project.section("registry") or {}).get("gate") or {}
     thresholds = validated(GateThresholds, {**defaults, **config.overrides()}, [], "gate")
     results = json.loads(project.path(layout.EVALUATION).joinpath("evaluation.json").read_text())
-    gate = check_gate(results, thresholds)
+    # An incremental merge must also keep every old style as good as its parent had it.
+    plan = read_plan(project.path(layout.STUDENT))
+    previous = plan.parent_diag_fd if plan is not None and plan.kind == "incremental" else None
+    gate = check_gate(results, thresholds, previous)
     # The merge's MLflow run records the verdict too, so a failed student is
     # visible there although it never reaches the registry.
     client = mlflow.client()

@@ -36,6 +36,11 @@ class DistillRunConfig(dg.Config):
         description='DistillConfig overrides, as `dmm distill --set`: e.g. ["steps=100"]',
     )
     force: bool = Field(False, description="distill even if an identical student exists")
+    full_merge: bool = Field(
+        False,
+        description="merge every teacher from the base, even where an incremental merge "
+        "from the champion would do (params.yaml registry.merge sets the default)",
+    )
     preview_steps: int = Field(20, ge=1, description="sampler steps of the preview grid")
 
 
@@ -58,6 +63,7 @@ class GateRunConfig(dg.Config):
     max_fid_t_ratio: float | None = None
     min_relative_style_accuracy: float | None = None
     baseline_ratio_factor: float | None = None
+    max_old_style_regression: float | None = None
 
     def overrides(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -161,24 +161,21 @@ def teachers(context: dg.AssetExecutionContext, project: ProjectResource, dvc: D
     kinds={"dvc", "safetensors"},
     pool="dvc",
     description="Teacher-generated x0 latents and text embeddings for distillation "
-    "(`dvc repro samples`), checked to come from exactly the partition's teacher weights.",
+    "(`dvc repro samples@<i>`), checked to come from exactly the partition's teacher weights.",
 )
 def teacher_samples(context: dg.AssetExecutionContext, project: ProjectResource, dvc: DvcResource):
     from dmm.data.samples import weights_sha256
 
     names = list(context.partition_keys)
-    # The existing `samples` stage samples every zoo teacher at once; DVC skips
-    # it when it is up to date, so a run per partition costs nothing extra.
-    dvc.repro(context, ["samples"])
+    position = {t.name: i for i, t in enumerate(project.manifest().teachers)}
+    gone = [n for n in names if n not in position]
+    if gone:
+        raise dg.Failure(description=f"teachers {gone} are no longer in {layout.MANIFEST}")
+    stages = [layout.sample_stage(position[n]) for n in names]
+    dvc.repro(context, stages)
     rows = []
     for name in names:
-        index_file = project.path(layout.SAMPLES) / name / "index.json"
-        if not index_file.is_file():
-            raise dg.Failure(
-                description=f"no samples for teacher {name!r}: the `samples` DVC stage samples "
-                "the zoo's teachers only (see docs/operations.md, non-zoo teachers)"
-            )
-        index = json.loads(index_file.read_text())
+        index = json.loads((project.path(layout.SAMPLES) / name / "index.json").read_text())
         teacher_unet = Path(project.path(layout.TEACHERS)) / name / "unet"
         expected = weights_sha256(teacher_unet)
         if index["teacher_sha256"] != expected:
@@ -190,7 +187,7 @@ def teacher_samples(context: dg.AssetExecutionContext, project: ProjectResource,
     table = md_table(["teacher", "samples", "teacher UNet sha256", "dtype"], rows)
     metadata: dict = {
         "samples": dg.MetadataValue.md(table),
-        **dvc_metadata(dvc.out_hashes("samples")),
+        **dvc_metadata({p: h for s in stages for p, h in dvc.out_hashes(s).items()}),
     }
     if len(names) == 1:
         metadata["num_samples"] = rows[0][1]

@@ -60,7 +60,12 @@ def _teacher_names(project: ProjectResource) -> list[str]:
 def _data_hashes(dvc: DvcResource, names: list[str], project: ProjectResource) -> dict[str, str]:
     """DVC md5 of every data product a student is made from, keyed for MLflow tags."""
     index = {t.name: i for i, t in enumerate(project.manifest().teachers)}
-    stages = ["zoo", "prompts", "samples", *(layout.teacher_stage(index[n]) for n in names)]
+    stages = [
+        "zoo",
+        "prompts",
+        *(layout.sample_stage(index[n]) for n in names),
+        *(layout.teacher_stage(index[n]) for n in names),
+    ]
     return {f"dvc.{path}": md5 for s in stages for path, md5 in dvc.out_hashes(s).items()}
 
 
@@ -82,12 +87,19 @@ def _git_commit(root: Path) -> str:
     return "unknown"
 
 
-def _distill_config(project: ProjectResource, compute: ComputeResource, names, overrides):
+def _distill_config(
+    project: ProjectResource,
+    compute: ComputeResource,
+    names: list[str],
+    overrides: list[str],
+    extra: dict | None = None,
+):
     from dmm.distill.config import DistillConfig
 
     manifest = project.manifest()
     base = {
         **project.section("distill"),
+        **(extra or {}),
         "base": project.relative(project.base_dir(manifest)),
         "teachers": [
             {
@@ -102,6 +114,29 @@ def _distill_config(project: ProjectResource, compute: ComputeResource, names, o
         "progress": False,
     }
     return validated(DistillConfig, base, overrides, "distill")
+
+
+def _plan_merge(context, config, project, client, registry, names, records):
+    """The merge to run (full / incremental / unchanged) and, if incremental, its parent folder."""
+    from dmm.distill.trainer import base_fingerprint
+    from dmm.registry import lineage
+
+    champion = lineage.read_champion(client, registry.model_name)
+    base_sha = base_fingerprint(project.base_dir(project.manifest()))
+    mode = "full" if config.full_merge else registry.merge
+    plan = lineage.plan_merge(
+        champion, names, {n: str(r.get("sha256")) for n, r in records.items()}, base_sha, mode
+    )
+    context.log.info("merge plan: %s (%s)", plan.kind, plan.reason)
+    parent = None
+    if plan.kind == "incremental":
+        try:
+            parent = lineage.fetch_parent_student(
+                client, registry.model_name, champion, project.path(layout.PARENTS)
+            )
+        except DmmError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+    return plan, champion, parent
 
 
 @dg.asset(
@@ -122,35 +157,80 @@ def merged_student(
     dvc: DvcResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ):
-    from dmm.registry import tracking
+    from dmm.registry import lineage, tracking
     from dmm.registry.config import RegistryConfig
+    from dmm.registry.register import student_sha256
+    from dmm.student.edit import retire_styles
 
     client = mlflow.client()  # an unreachable server fails now, not after training
+    registry = validated(RegistryConfig, project.section("registry"), [], "registry")
     names = _teacher_names(project)
-    cfg = _distill_config(project, compute, names, config.overrides)
     root = project.root
+    records = teacher_records(project, names)
+    plan, champion, parent = _plan_merge(context, config, project, client, registry, names, records)
+    cfg = _distill_config(project, compute, names, config.overrides)
     out_dir = root / cfg.output_dir
     student = out_dir / "student"
-    records = teacher_records(project, names)
-    sample_index = {
-        n: json.loads((root / layout.SAMPLES / n / "index.json").read_text()) for n in names
-    }
-    fp = fingerprint(
-        {
-            "config": cfg.model_dump(mode="json", exclude={"progress", "log_with", "resume"}),
-            "teachers": {n: r.get("sha256") for n, r in records.items()},
-            "samples": {
-                n: (i["prompts_sha256"], i["teacher_sha256"], i["num_samples"], i["config"])
-                for n, i in sample_index.items()
-            },
-            "code": source_hash(dmm_source(root, "distill"), dmm_source(root, "student")),
+    keep = False
+    if plan.kind == "unchanged":
+        # Same teachers as the champion. A full merge reuses its student through the
+        # fingerprint below (a changed config or code merges again); an incremental
+        # champion is kept as is, as re-merging it from scratch needs `full_merge`.
+        recorded = lineage.read_plan(out_dir)
+        keep = (
+            not config.force
+            and recorded is not None
+            and recorded.kind == "incremental"
+            and (student / "model_index.json").is_file()
+            and student_sha256(student) == champion.student_sha
+        )
+        plan = recorded if keep else lineage.MergePlan("full", plan.reason)
+    trained = plan.new + plan.replace if plan.kind == "incremental" else names
+    if keep:
+        fp = memo.read_memo(out_dir).get("fingerprint") or student_sha256(student)
+    else:
+        if plan.kind == "incremental" and trained:
+            cfg = _distill_config(
+                project,
+                compute,
+                trained,
+                config.overrides,
+                extra={
+                    **registry.incremental,
+                    "init_from": project.relative(parent),
+                    "retire": plan.retire,
+                    "replace": plan.replace,
+                },
+            )
+        sample_index = {
+            n: json.loads((root / layout.SAMPLES / n / "index.json").read_text()) for n in trained
         }
+        fp = fingerprint(
+            {
+                "config": cfg.model_dump(mode="json", exclude={"progress", "log_with", "resume"}),
+                "plan": [plan.kind, plan.parent_version, plan.retire],
+                "parent": champion.student_sha if plan.kind == "incremental" else None,
+                "teachers": {n: records[n].get("sha256") for n in trained},
+                "samples": {
+                    n: (i["prompts_sha256"], i["teacher_sha256"], i["num_samples"], i["config"])
+                    for n, i in sample_index.items()
+                },
+                "code": source_hash(dmm_source(root, "distill"), dmm_source(root, "student")),
+            }
+        )
+    reused = keep or (
+        not config.force and memo.is_current(out_dir, fp, student / "model_index.json")
     )
-    reused = not config.force and memo.is_current(out_dir, fp, student / "model_index.json")
     metadata: dict = {}
     losses: list[dict] = []
     if reused:
         context.log.info("student at %s is up to date (fingerprint %s)", student, fp[:12])
+    elif plan.kind == "incremental" and not trained:
+        # Only retirements: drop their style vectors, every other style is bit-identical.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        retire_styles(parent, plan.retire, student)
+        memo.write_memo(out_dir, fp)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
@@ -171,6 +251,8 @@ def merged_student(
             if isinstance(m, dict) and m.get("kind") == "metrics"
         ]
         memo.write_memo(out_dir, fp)
+    if not keep:
+        lineage.write_plan(out_dir, plan)
     if not losses:
         losses = tracking.read_metrics_jsonl(out_dir / "metrics.jsonl")
 
@@ -188,7 +270,6 @@ def merged_student(
         memo.write_memo(preview_dir, preview_fp)
 
     # One MLflow run per merge: a reused student keeps its run when this store has it.
-    registry = validated(RegistryConfig, project.section("registry"), [], "registry")
     run = tracking.read_run_file(out_dir)
     if not (
         run
@@ -209,7 +290,9 @@ def merged_student(
             tags={
                 "dmm.fingerprint": fp,
                 "dmm.git_commit": _git_commit(root),
-                "dmm.merge_kind": registry.merge_kind,
+                "dmm.merge_kind": plan.merge_kind,
+                "dmm.parent_version": plan.parent_version if plan.kind == "incremental" else "",
+                "dmm.merge_reason": plan.reason,
                 "dagster.run_id": context.run.run_id,
                 **{f"dmm.teacher.{n}.sha256": str(r.get("sha256")) for n, r in records.items()},
                 **_data_hashes(dvc, names, project),
@@ -233,6 +316,10 @@ def merged_student(
             "reused": reused,
             "fingerprint": fp,
             "styles": dg.MetadataValue.json(names),
+            "merge_kind": plan.merge_kind,
+            "merge_reason": plan.reason,
+            "parent_version": plan.parent_version if plan.kind == "incremental" else "",
+            "trained_teachers": dg.MetadataValue.json(trained),
             "final_losses": dg.MetadataValue.md(
                 md_table(["loss", f"step {last.get('step', '?')}"], loss_rows)
             ),
@@ -423,9 +510,9 @@ def registered_model(
     mlflow: MlflowResource,
     dvc: DvcResource,
 ):
-    from dmm.registry import tracking
+    from dmm.registry import lineage, tracking
     from dmm.registry.config import RegistryConfig
-    from dmm.registry.register import register_student
+    from dmm.registry.register import register_student, student_styles
 
     client = mlflow.client()
     root = project.root
@@ -434,9 +521,15 @@ def registered_model(
     passed, why = gate_passed(context.instance)
     context.log.info(why)
     names = _teacher_names(project)
+    student = root / layout.STUDENT / "student"
+    plan = lineage.read_plan(root / layout.STUDENT)
+    kind = plan.merge_kind if plan else "full"
+    student_lineage = json.loads((student / "dmm_lineage.json").read_text())
     tags = {
         "dmm.git_commit": _git_commit(root),
-        "dmm.teachers": ",".join(names),
+        # What the next merge plans against: the student's own style order and base.
+        lineage.STYLES_TAG: ",".join(student_styles(student)),
+        lineage.BASE_TAG: student_lineage.get("base_sha256", ""),
         "dagster.run_id": context.run.run_id,
         **{
             f"dmm.teacher.{n}.sha256": str(r.get("sha256"))
@@ -449,11 +542,11 @@ def registered_model(
             client,
             model_name=registry.model_name,
             run_id=run["run_id"],
-            student_dir=root / layout.STUDENT / "student",
+            student_dir=student,
             passed=passed,
             tags=tags,
-            merge_kind=registry.merge_kind,
-            parent_version=registry.parent_version,
+            merge_kind=kind,
+            parent_version=plan.parent_version if kind == "incremental" else "",
         )
     except DmmError as exc:
         raise dg.Failure(description=str(exc)) from exc
@@ -468,6 +561,7 @@ def registered_model(
             "version": reg.version,
             "alias": reg.alias,
             "reused_version": reg.reused,
+            "merge_kind": kind,
             "gate": why,
             "student_sha256": reg.student_sha256,
             "mlflow_model": dg.MetadataValue.url(
