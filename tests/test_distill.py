@@ -228,3 +228,17 @@ def test_two_processes_with_a_teacher_count_they_do_not_divide(distill_data, tmp
     ranks = [json.loads((out / f"rank-{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["teachers"] == [0, 2] and ranks[1]["teachers"] == [1]
     assert (out / STUDENT_UNET).is_file()
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+    from dmm.distill.config import DistillConfig
+    from dmm.distill.trainer import lr_factor
+
+    teachers = [{"name": "a", "path": "t", "samples": "s"}]
+    cfg = DistillConfig(base="b", teachers=teachers, steps=100, warmup_steps=10)
+    factors = [lr_factor(s, cfg) for s in range(cfg.steps)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[55] == pytest.approx(0.5, abs=0.02) and factors[-1] < 1e-3
+    flat = cfg.model_copy(update={"lr_schedule": "constant"})
+    assert [lr_factor(s, flat) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]

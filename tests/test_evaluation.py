@@ -91,6 +91,35 @@ def test_student_identical_to_its_teacher_scores_at_the_floor(mini_zoo, tmp_path
     assert (out / "report.html").read_text().count("<img") >= 2
 
 
+def test_teacher_images_are_cached_across_evaluations_and_score_alike(mini_zoo, tmp_path):
+    from dmm.evaluation import protocol
+
+    zoo, _ = mini_zoo
+    student = _student_from_base(zoo / "base", ["pastel"], tmp_path / "student")
+    teachers = {"pastel": zoo / "teachers/pastel"}
+    cfg = _cfg(zoo, student, teachers, tmp_path, cache_dir=tmp_path / "cache")
+    first = protocol.evaluate(cfg, progress=False)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # teacher + reference seeds
+
+    sampled = []
+    real_sample = protocol.sample
+
+    def counting(pipe, *args, **kw):
+        sampled.append(type(pipe).__name__)
+        return real_sample(pipe, *args, **kw)
+
+    protocol.sample = counting
+    try:
+        second = protocol.evaluate(cfg, progress=False)
+    finally:
+        protocol.sample = real_sample
+    assert sampled == ["DMMStudentPipeline"]  # the teacher came from the cache
+    assert second["M"] == first["M"] and second["M_ref"] == first["M_ref"]
+    # Another sampler is another key: nothing stale is reused.
+    protocol.evaluate(cfg.model_copy(update={"steps": 2}), progress=False)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+
+
 def test_bad_inputs_are_clear(mini_zoo, tmp_path):
     from dmm.evaluation.protocol import evaluate
 

@@ -40,6 +40,9 @@ class DistillConfig(BaseModel):
     weight_decay: float = Field(1e-2, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(20, ge=0)
+    # Cosine decay to zero over `steps` (after warmup): the last steps refine at a
+    # small rate instead of jittering at the peak one, which the FD of short runs shows.
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     caption_dropout: float = Field(0.1, ge=0, le=1)
     losses: LossConfig = Field(default_factory=LossConfig)
 

@@ -199,6 +199,15 @@ def make_sources(cfg: DistillConfig, old_styles: list[str]) -> list[Source]:
     return sources
 
 
+def lr_factor(step: int, cfg: DistillConfig) -> float:
+    """The learning-rate multiplier before optimizer step ``step + 1``: warmup, then the schedule."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "constant":
+        return warm
+    done = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def base_fingerprint(base_dir: Path) -> str:
     from dmm.distill.teachers import unet_weights_file
 
@@ -345,9 +354,7 @@ def _distill(cfg: DistillConfig) -> Path:
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     use_adv = cfg.losses.adversarial > 0
     disc = disc_opt = None
     if use_adv:

@@ -37,6 +37,11 @@ class EvaluateConfig(BaseModel):
     interpolate: tuple[str, str] | None = None
     interpolation_points: int = Field(6, ge=2)
     batch_size: int = Field(192, ge=1)
+    cache_dir: Path | None = Field(
+        None,
+        description="teacher images kept across evaluations (keyed by weights, prompts, "
+        "seeds, sampler); null: sample them every time",
+    )
     distill_dir: Path | None = Field(
         None, description="run folder with metrics.jsonl for loss curves"
     )

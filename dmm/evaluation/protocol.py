@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dmm.atomic import DmmError, atomic_dir
+from dmm.evaluation.cache import ImageCache, to_8bit
 from dmm.evaluation.classify import load_classifier, style_accuracy, style_probabilities
 from dmm.evaluation.config import EvaluateConfig
 from dmm.evaluation.features import make_extractor
@@ -32,22 +33,6 @@ def _read_prompts(path: Path) -> list[str]:
     if not Path(path).is_file():
         raise DmmError(f"eval prompts not found: {path}")
     return read_prompts(path)
-
-
-# Teacher samples depend only on (teacher, prompts, seeds, sampler): memoised per
-# process so that scoring many checkpoints or ablation runs samples them once.
-_TEACHER_SAMPLES: dict[tuple, torch.Tensor] = {}
-
-
-def _teacher_samples(path: Path, prompts: list[str], seeds: list[int], label: str, kw: dict, desc):
-    from dmm.distill.teachers import unet_weights_file
-
-    weights = unet_weights_file(path)
-    key = (str(Path(path).resolve()), weights.stat().st_mtime_ns, tuple(prompts), tuple(seeds),
-           tuple(sorted(kw.items())))  # fmt: skip
-    if key not in _TEACHER_SAMPLES:
-        _TEACHER_SAMPLES[key] = sample(load_pipeline(path), prompts, seeds, desc=desc(label), **kw)
-    return _TEACHER_SAMPLES[key]
 
 
 def fd_matrix(rows: list, cols: list) -> list[list[float]]:
@@ -89,19 +74,34 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     def desc(text: str) -> str | None:
         return text if progress else None
 
+    # Teacher images come from the cache when these weights, prompts, seeds and
+    # sampler were evaluated before; every image is 8-bit, cached or not.
+    cache = ImageCache(cfg.cache_dir)
+    sampler = {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
     teacher_imgs, teacher_ref_imgs = {}, {}
     for t in cfg.teachers:
-        pipe = load_pipeline(t.path)
-        teacher_imgs[t.name] = sample(pipe, prompts, seeds, desc=desc(f"teacher {t.name}"), **kw)
-        teacher_ref_imgs[t.name] = sample(
-            pipe, prompts, ref_seeds, desc=desc(f"reference {t.name}"), **kw
+        pipes: dict = {}
+
+        def make(seed_list: list[int], label: str, t=t, pipes=pipes):
+            if "pipe" not in pipes:
+                pipes["pipe"] = load_pipeline(t.path)
+            return sample(pipes["pipe"], prompts, seed_list, desc=desc(label), **kw)
+
+        teacher_imgs[t.name] = cache.get(
+            t.path, prompts, seeds, sampler, lambda t=t: make(seeds, f"teacher {t.name}")
         )
-        del pipe
+        teacher_ref_imgs[t.name] = cache.get(
+            t.path, prompts, ref_seeds, sampler, lambda t=t: make(ref_seeds, f"reference {t.name}")
+        )
+        pipes.clear()
+    if cache.hits:
+        log.info("teacher images: %d sets from the cache, %d sampled", cache.hits, cache.misses)
     student_imgs = {
-        n: sample(student, prompts, seeds, style=n, desc=desc(f"student {n}"), **kw) for n in names
+        n: to_8bit(sample(student, prompts, seeds, style=n, desc=desc(f"student {n}"), **kw))
+        for n in names
     }
     baseline_imgs = {
-        b: sample(load_pipeline(p), prompts, seeds, desc=desc(f"baseline {b}"), **kw)
+        b: to_8bit(sample(load_pipeline(p), prompts, seeds, desc=desc(f"baseline {b}"), **kw))
         for b, p in cfg.baselines.items()
     }
 
