@@ -230,12 +230,14 @@ def test_two_processes_with_a_teacher_count_they_do_not_divide(distill_data, tmp
     assert (out / STUDENT_UNET).is_file()
 
 
-def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+def test_learning_rate_warms_up_then_stays_flat_or_decays_on_a_cosine():
     from dmm.distill.config import DistillConfig
     from dmm.distill.trainer import lr_factor
 
     teachers = [{"name": "a", "path": "t", "samples": "s"}]
-    cfg = DistillConfig(base="b", teachers=teachers, steps=100, warmup_steps=10)
+    cfg = DistillConfig(
+        base="b", teachers=teachers, steps=100, warmup_steps=10, lr_schedule="cosine"
+    )
     factors = [lr_factor(s, cfg) for s in range(cfg.steps)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))

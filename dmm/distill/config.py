@@ -40,9 +40,10 @@ class DistillConfig(BaseModel):
     weight_decay: float = Field(1e-2, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(20, ge=0)
-    # Cosine decay to zero over `steps` (after warmup): the last steps refine at a
-    # small rate instead of jittering at the peak one, which the FD of short runs shows.
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # Short runs are far from converged: on the zoo (400 steps) a cosine decay
+    # scored worse than a constant rate (FD_t ratio 21.4 vs 5.8 at lr 3e-4, 6.4 vs
+    # 4.6 at 1e-3). Long runs may prefer `cosine` (decay to zero over `steps`).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     caption_dropout: float = Field(0.1, ge=0, le=1)
     losses: LossConfig = Field(default_factory=LossConfig)
 
