@@ -110,3 +110,21 @@ def test_a_full_merge_has_no_old_style_criteria():
     gate = check_gate(_results([50.0, 50.0, 50.0]), GateThresholds(), None)
     assert not any(c.name.startswith("old_style/") for c in gate.criteria)
     assert MergePlan("full", "x").merge_kind == "full"
+
+
+@pytest.mark.bad_input
+def test_a_parent_whose_styles_differ_from_its_registry_record_is_refused(mini_zoo, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from dmm.atomic import DmmError
+    from dmm.registry.lineage import fetch_parent_student
+    from dmm.student.model import StyleStudent
+
+    zoo, _ = mini_zoo
+    unet = UNet2DConditionModel.from_pretrained(zoo / "base" / "unet")
+    StyleStudent.from_base(unet, ["pastel", "neon"]).save_pipeline(tmp_path / "v3", zoo / "base")
+    # Already downloaded: the client is never asked for it.
+    ok = fetch_parent_student(None, "m", champion(styles=["pastel", "neon"]), tmp_path)
+    assert ok == tmp_path / "v3"
+    with pytest.raises(DmmError, match=r"champion v3 of 'm' has styles \['pastel', 'neon'\]"):
+        fetch_parent_student(None, "m", champion(), tmp_path)
