@@ -22,6 +22,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL_NAME = "dmm-student-test"
+# Every asset of the code location, as the tests expect to see them materialized.
+ALL_ASSETS = {
+    "teacher_manifest",
+    "base_model",
+    "prompt_set",
+    "teachers",
+    "teacher_samples",
+    "merged_student",
+    "static_baselines",
+    "evaluation",
+    "registered_model",
+}
 
 DISTILL_OVERRIDES = [
     "steps=2",

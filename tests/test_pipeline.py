@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.pipeline_support import (
+    ALL_ASSETS,
     LENIENT_GATE,
     MODEL_NAME,
     REPO,
@@ -25,17 +26,6 @@ from tests.pipeline_support import (
 
 pytestmark = pytest.mark.timeout(1200)
 
-ALL_ASSETS = {
-    "teacher_manifest",
-    "base_model",
-    "prompt_set",
-    "teachers",
-    "teacher_samples",
-    "merged_student",
-    "static_baselines",
-    "evaluation",
-    "registered_model",
-}
 TEACHERS = ["pastel", "neon", "sepia", "blueprint", "stripes"]
 
 

@@ -14,21 +14,11 @@ import urllib.request
 
 import pytest
 
+from tests.pipeline_support import ALL_ASSETS as ASSETS
 from tests.pipeline_support import BIN, free_port, tool_env
 
 pytestmark = pytest.mark.timeout(1200)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ASSETS = {
-    "teacher_manifest",
-    "base_model",
-    "prompt_set",
-    "teachers",
-    "teacher_samples",
-    "merged_student",
-    "static_baselines",
-    "evaluation",
-    "registered_model",
-}
 
 
 def _default_sigint() -> None:
