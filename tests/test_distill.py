@@ -244,3 +244,29 @@ def test_learning_rate_warms_up_then_stays_flat_or_decays_on_a_cosine():
     assert factors[55] == pytest.approx(0.5, abs=0.02) and factors[-1] < 1e-3
     flat = cfg.model_copy(update={"lr_schedule": "constant"})
     assert [lr_factor(s, flat) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+
+
+def test_teacher_mean_init_starts_from_the_average_of_the_teachers(distill_data, tmp_path):
+    # lr ~0 leaves the weights where they started: the element-wise teacher mean.
+    from dmm.distill.teachers import load_unet
+
+    _, _, teachers = distill_data
+    out = tmp_path / "run"
+    distill(make_cfg(distill_data, out, ["pastel", "neon"], steps=1, lr=1e-30, init="teacher_mean"))
+    got = student_weights(out)
+    a, b = (load_unet(teachers[n]).state_dict() for n in ("pastel", "neon"))
+    key = "conv_in.weight"
+    assert torch.allclose(got[key], (a[key] + b[key]) / 2, atol=1e-6)
+    assert not torch.allclose(a[key], b[key])  # the test could tell base init apart
+    # and the style MLP still starts with no effect (zero last layer).
+    assert got["class_embedding.linear_2.weight"].abs().max() < 1e-20
+
+
+def test_style_parameters_get_their_own_learning_rate():
+    from dmm.distill.trainer import is_style_param
+
+    assert is_style_param("style_codebook.vectors")
+    assert is_style_param("unet.class_embedding.linear_1.weight")
+    assert is_style_param("module.unet.class_embedding.linear_2.bias")
+    assert not is_style_param("unet.time_embedding.linear_1.weight")
+    assert not is_style_param("unet.conv_in.weight")

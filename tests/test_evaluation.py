@@ -158,3 +158,12 @@ def test_wrong_model_scores_clearly_worse_than_the_floor(full_zoo, tmp_path):
     r = evaluate(_cfg(zoo, student, teachers, tmp_path, steps=10), progress=False)
     assert r["fid_t_ratio"] > 5.0, r["fid_t_ratio"]
     assert min(r["teacher_accuracy"].values()) > 0.8
+
+
+def test_evaluation_device_resolves_and_unknown_devices_are_refused():
+    cfg = EvaluateConfig(teachers=[{"name": "a", "path": "x"}])
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cfg.torch_device().type == want
+    assert cfg.model_copy(update={"device": "cpu"}).torch_device().type == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        EvaluateConfig(teachers=[{"name": "a", "path": "x"}], device="warp-drive")

@@ -133,3 +133,31 @@ def test_config_rejects_inconsistent_incremental_fields(distill_data, tmp_path, 
         make_cfg(distill_data, tmp_path / "x", ["stripes"], retire=["neon"])
     with pytest.raises(ValueError, match="replace lists styles with no new teacher"):
         make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous, replace=["neon"])
+
+
+def test_old_styles_are_replayed_from_the_previous_student(distill_data, previous, tmp_path):
+    # With replay, each old-style x0 is the previous student's own image of one
+    # old style, and that style is what the step asks of it.
+    import torch
+
+    from dmm.distill.config import DistillConfig
+    from dmm.distill.trainer import TeacherData, replay_old_styles
+    from dmm.student.model import StyleStudent
+
+    zoo, root, teachers = distill_data
+    prev = StyleStudent.from_pipeline(previous)
+    pool = TeacherData.load(root / "samples" / "sepia", "sepia")
+    cfg = DistillConfig(
+        base=zoo / "base", init_from=previous, old_style_samples=5, old_style_sample_steps=2,
+        teachers=[{"name": "sepia", "path": teachers["sepia"], "samples": root / "samples" / "sepia"}],
+    )  # fmt: skip
+    index = torch.tensor([prev.style_names.index(n) for n in prev.style_names])
+    data = replay_old_styles(prev, pool, len(index), index, cfg, torch.device("cpu"), torch.float32)
+    assert data.latents.shape == (5 * len(index), *pool.latents.shape[1:])
+    assert data.styles.tolist() == [i for i in range(len(index)) for _ in range(5)]
+    assert torch.isfinite(data.latents).all()
+    # Not the pool's x0: freshly sampled, and different per style.
+    assert not any(torch.allclose(data.latents[0], x) for x in pool.latents)
+    assert not torch.allclose(data.latents[:5], data.latents[5:10])
+    again = replay_old_styles(prev, pool, len(index), index, cfg, torch.device("cpu"), torch.float32)
+    assert torch.equal(data.latents, again.latents)  # seeded: a resumed run replays the same x0

@@ -44,6 +44,15 @@ class DistillConfig(BaseModel):
     # scored worse than a constant rate (FD_t ratio 21.4 vs 5.8 at lr 3e-4, 6.4 vs
     # 4.6 at 1e-3). Long runs may prefer `cosine` (decay to zero over `steps`).
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # The style MLP and codebook start from nothing (zero last layer) while the
+    # UNet starts from the base, so they may learn faster.
+    style_lr_scale: float = Field(1.0, gt=0, description="lr multiplier of style MLP + codebook")
+    # "base": the student starts as the base UNet. "teacher_mean": as the plain
+    # average of the teachers' UNets (the weighted-sum merge), which is already
+    # nearer every teacher; the zero-initialised style MLP then learns only
+    # what separates them. Full merges only: an incremental one starts from
+    # its previous student.
+    init: Literal["base", "teacher_mean"] = "base"
     caption_dropout: float = Field(0.1, ge=0, le=1)
     losses: LossConfig = Field(default_factory=LossConfig)
 
@@ -68,6 +77,17 @@ class DistillConfig(BaseModel):
         ge=0,
         le=1,
         description="share of each step's loss spent on old styles (0: no regularization)",
+    )
+
+    # Where old styles' x0 come from. "previous_student": the previous student
+    # samples each old style on the new teachers' prompts before training, so
+    # old styles are regularised on their own images; "new_teachers": the new
+    # teachers' samples (off-style for the old styles at low noise).
+    old_style_x0: Literal["previous_student", "new_teachers"] = "previous_student"
+    old_style_sample_steps: int = Field(10, ge=1, description="DPM-Solver++ steps of that replay")
+    old_style_guidance: float = Field(3.0, ge=0, description="its classifier-free guidance")
+    old_style_samples: int = Field(
+        256, ge=1, description="replayed x0 per old style (capped at the prompts available)"
     )
 
     checkpoint_every: int = Field(100, ge=1)

@@ -38,6 +38,7 @@ from dmm.distill.losses import (
     score_loss,
 )
 from dmm.distill.teachers import TeacherBank, architecture_diff, load_unet
+from dmm.student.model import STYLE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def step_plan(num_teachers: int, world: int, step: int) -> list[list[tuple[int, 
     return plan
 
 
-def _seed_for(*parts: int) -> int:
+def _seed_for(*parts: int | str) -> int:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -99,6 +100,10 @@ class TeacherData:
             u["base_embeds"].float(),
         )
 
+    # For old-style data: the old style (index into the old styles) of each x0,
+    # or None when any old style may be asked of any x0.
+    styles: torch.Tensor | None = None
+
     @classmethod
     def concat(cls, parts: list[TeacherData]) -> TeacherData:
         """Pooled x0 for old styles: conditioned on the base encoder for both sides."""
@@ -107,8 +112,57 @@ class TeacherData:
         return cls(latents, base, base, parts[0].uncond_base, parts[0].uncond_base)
 
 
+@torch.no_grad()
+def replay_old_styles(
+    previous,
+    pool: TeacherData,
+    n_old: int,
+    old_prev_index: torch.Tensor,
+    cfg: DistillConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int = 128,
+) -> TeacherData:
+    """x0 of every old style, sampled from the frozen previous student.
+
+    Prompts (base-encoder embeddings) come from the pool of new-teacher samples;
+    each old style gets ``old_style_samples`` of them, chosen by ``seed``.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched_cfg = DPMSolverMultistepScheduler.load_config(Path(cfg.base) / "scheduler")
+    gen = torch.Generator().manual_seed(_seed_for(cfg.seed, "replay"))
+    per_style = min(cfg.old_style_samples, pool.latents.shape[0])
+    picks = [torch.randperm(pool.latents.shape[0], generator=gen)[:per_style] for _ in range(n_old)]
+    idx = torch.cat(picks)
+    styles = torch.arange(n_old).repeat_interleave(per_style)
+    embeds = pool.base_embeds[idx]
+    latents = []
+    for i in range(0, len(idx), batch):
+        cond = embeds[i : i + batch]
+        b = cond.shape[0]
+        style = torch.nn.functional.one_hot(
+            old_prev_index[styles[i : i + batch]], previous.style_codebook.num_styles
+        ).float()
+        sched = DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++")
+        sched.set_timesteps(cfg.old_style_sample_steps)
+        x = torch.randn((b, *pool.latents.shape[1:]), generator=gen) * sched.init_noise_sigma
+        x = x.to(device)
+        c = torch.cat([pool.uncond_base.expand(b, -1, -1), cond]).to(device, dtype)
+        s2 = torch.cat([style, style]).to(device)
+        for t in sched.timesteps:
+            eps = previous(torch.cat([x, x]).to(dtype), t, c, style=s2).float()
+            e_u, e_c = eps.chunk(2)
+            x = sched.step(e_u + cfg.old_style_guidance * (e_c - e_u), t, x).prev_sample
+        latents.append(x.cpu())
+    return TeacherData(
+        torch.cat(latents), embeds, embeds, pool.uncond_base, pool.uncond_base, styles=styles
+    )
+
+
 @dataclass
 class MicroBatch:
+    idx: torch.Tensor
     x_t: torch.Tensor
     t: torch.Tensor
     student_cond: torch.Tensor
@@ -134,7 +188,7 @@ def draw(
     a = alphas[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     renoise = torch.randn(x0.shape, generator=gen)
-    return MicroBatch(x_t, t, student_cond, teacher_cond, drop, renoise)
+    return MicroBatch(idx, x_t, t, student_cond, teacher_cond, drop, renoise)
 
 
 class Progress:
@@ -197,6 +251,24 @@ def make_sources(cfg: DistillConfig, old_styles: list[str]) -> list[Source]:
     if r > 0:
         sources.append(Source("previous-student", r, None))
     return sources
+
+
+def is_style_param(name: str) -> bool:
+    """The style pathway: the codebook and the UNet's style MLP (class_embedding)."""
+    return name.startswith("style_codebook.") or f".{STYLE_PREFIX}" in f".{name}"
+
+
+@torch.no_grad()
+def teacher_mean_state(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the teachers' UNet weights, one teacher in memory at a time."""
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for k, v in load_unet(path).state_dict().items():
+            if k in total:
+                total[k] += v.float()
+            else:
+                total[k] = v.float().clone()
+    return {k: v / len(paths) for k, v in total.items()}
 
 
 def lr_factor(step: int, cfg: DistillConfig) -> float:
@@ -292,6 +364,9 @@ def _distill(cfg: DistillConfig) -> Path:
 
     if previous is None:
         student = StyleStudent.from_base(base_unet, final_names, seed=cfg.seed)
+        if cfg.init == "teacher_mean":
+            mean = teacher_mean_state([t.path for t in cfg.teachers])
+            student.unet.load_state_dict(mean, strict=False)
     else:
         student = copy.deepcopy(previous)
         book = previous.style_codebook
@@ -333,6 +408,16 @@ def _distill(cfg: DistillConfig) -> Path:
                 [TeacherData.load(t.samples, t.name) for t in cfg.teachers]
             )
             previous.to(device, dtype=weight_dtype)
+            if cfg.old_style_x0 == "previous_student":
+                replay_index = torch.tensor([previous.style_names.index(n) for n in old_styles])
+                t0 = time.perf_counter()
+                data[si] = replay_old_styles(
+                    previous, data[si], len(old_styles), replay_index, cfg, device, weight_dtype
+                )
+                log.info(
+                    "replayed %d x0 of old styles %s in %.1f s",
+                    data[si].latents.shape[0], ", ".join(old_styles), time.perf_counter() - t0,
+                )  # fmt: skip
     want = (
         base_unet.config.in_channels,
         base_unet.config.sample_size,
@@ -352,8 +437,16 @@ def _distill(cfg: DistillConfig) -> Path:
     )
     old_new_index = torch.tensor([style_index[n] for n in old_styles]) if old_styles else None
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    style_params = [
+        p for n, p in student.named_parameters() if p.requires_grad and is_style_param(n)
+    ]
+    unet_params = [
+        p for n, p in student.named_parameters() if p.requires_grad and not is_style_param(n)
+    ]
+    groups = [{"params": unet_params, "lr": cfg.lr}]
+    if style_params:
+        groups.append({"params": style_params, "lr": cfg.lr * cfg.style_lr_scale})
+    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     use_adv = cfg.losses.adversarial > 0
     disc = disc_opt = None
@@ -416,6 +509,8 @@ def _distill(cfg: DistillConfig) -> Path:
                 # Each sample asks for a random old style; the previous student
                 # shows what that style looked like before this merge.
                 pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
+                if data[si].styles is not None:  # replayed x0: ask for the style it shows
+                    pick = data[si].styles[mb.idx]
                 style = torch.nn.functional.one_hot(old_new_index[pick], len(final_names)).float()
                 prev_style = torch.nn.functional.one_hot(
                     old_prev_index[pick], len(previous.style_names)

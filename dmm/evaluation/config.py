@@ -49,3 +49,17 @@ class EvaluateConfig(BaseModel):
         False, description="also score every checkpoint of distill_dir: FD_t ratio vs steps"
     )
     base: Path | None = Field(None, description="base pipeline (needed for convergence)")
+    # Sampling dominates evaluation time; on a GPU every pipeline is moved there.
+    # Seeds stay on CPU generators, so images match across devices up to float error.
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1", "mps"',
+    )
+
+    def torch_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

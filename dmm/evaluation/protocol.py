@@ -35,6 +35,52 @@ def _read_prompts(path: Path) -> list[str]:
     return read_prompts(path)
 
 
+def eval_inputs(cfg: EvaluateConfig) -> tuple[list[str], list[int], list[int]]:
+    """Prompts, seeds and reference seeds: the same for every model compared."""
+    k = cfg.images_per_style
+    prompts_all = _read_prompts(cfg.prompts)
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(k)]
+    seeds = [cfg.seed + i for i in range(k)]
+    return prompts, seeds, [s + cfg.reference_seed_offset for s in seeds]
+
+
+def teacher_image_sets(
+    cfg: EvaluateConfig,
+    prompts: list[str],
+    seeds: list[int],
+    ref_seeds: list[int],
+    device: torch.device,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each teacher's images under the eval seeds and under the reference seeds.
+
+    They come from the cache when these weights, prompts, seeds and sampler
+    were evaluated before; every image is 8-bit, cached or not.
+    """
+    kw = dict(steps=cfg.steps, guidance_scale=cfg.guidance_scale, batch=cfg.batch_size)
+    cache = ImageCache(cfg.cache_dir)
+    sampler = {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "device": device.type}
+    teacher_imgs, teacher_ref_imgs = {}, {}
+    for t in cfg.teachers:
+        pipes: dict = {}
+
+        def make(seed_list: list[int], label: str, t=t, pipes=pipes):
+            if "pipe" not in pipes:
+                pipes["pipe"] = load_pipeline(t.path, device)
+            return sample(pipes["pipe"], prompts, seed_list, desc=label if progress else None, **kw)
+
+        teacher_imgs[t.name] = cache.get(
+            t.path, prompts, seeds, sampler, lambda t=t: make(seeds, f"teacher {t.name}")
+        )
+        teacher_ref_imgs[t.name] = cache.get(
+            t.path, prompts, ref_seeds, sampler, lambda t=t: make(ref_seeds, f"reference {t.name}")
+        )
+        pipes.clear()
+    if cache.hits:
+        log.info("teacher images: %d sets from the cache, %d sampled", cache.hits, cache.misses)
+    return teacher_imgs, teacher_ref_imgs
+
+
 def fd_matrix(rows: list, cols: list) -> list[list[float]]:
     return [[frechet_distance(*r, *c) for c in cols] for r in rows]
 
@@ -58,50 +104,31 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
             f"images_per_style={k} is too few for a stable {extractor.dim}-dim covariance "
             f"({extractor.name} needs at least {min_samples(extractor.dim)})"
         )
-    student = load_pipeline(cfg.student)
+    device = cfg.torch_device()
+    student = load_pipeline(cfg.student, device)
     if list(student.style_names) != names:
         raise DmmError(
             f"style count/names differ: student has {len(student.style_names)} styles "
             f"({', '.join(student.style_names)}), teachers are {len(names)} ({', '.join(names)})"
         )
     clf = load_classifier(cfg.classifier)
-    prompts_all = _read_prompts(cfg.prompts)
-    prompts = [prompts_all[i % len(prompts_all)] for i in range(k)]
-    seeds = [cfg.seed + i for i in range(k)]
-    ref_seeds = [s + cfg.reference_seed_offset for s in seeds]
+    prompts, seeds, ref_seeds = eval_inputs(cfg)
     kw = dict(steps=cfg.steps, guidance_scale=cfg.guidance_scale, batch=cfg.batch_size)
 
     def desc(text: str) -> str | None:
         return text if progress else None
 
-    # Teacher images come from the cache when these weights, prompts, seeds and
-    # sampler were evaluated before; every image is 8-bit, cached or not.
-    cache = ImageCache(cfg.cache_dir)
-    sampler = {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
-    teacher_imgs, teacher_ref_imgs = {}, {}
-    for t in cfg.teachers:
-        pipes: dict = {}
-
-        def make(seed_list: list[int], label: str, t=t, pipes=pipes):
-            if "pipe" not in pipes:
-                pipes["pipe"] = load_pipeline(t.path)
-            return sample(pipes["pipe"], prompts, seed_list, desc=desc(label), **kw)
-
-        teacher_imgs[t.name] = cache.get(
-            t.path, prompts, seeds, sampler, lambda t=t: make(seeds, f"teacher {t.name}")
-        )
-        teacher_ref_imgs[t.name] = cache.get(
-            t.path, prompts, ref_seeds, sampler, lambda t=t: make(ref_seeds, f"reference {t.name}")
-        )
-        pipes.clear()
-    if cache.hits:
-        log.info("teacher images: %d sets from the cache, %d sampled", cache.hits, cache.misses)
+    teacher_imgs, teacher_ref_imgs = teacher_image_sets(
+        cfg, prompts, seeds, ref_seeds, device, progress
+    )
     student_imgs = {
         n: to_8bit(sample(student, prompts, seeds, style=n, desc=desc(f"student {n}"), **kw))
         for n in names
     }
     baseline_imgs = {
-        b: to_8bit(sample(load_pipeline(p), prompts, seeds, desc=desc(f"baseline {b}"), **kw))
+        b: to_8bit(
+            sample(load_pipeline(p, device), prompts, seeds, desc=desc(f"baseline {b}"), **kw)
+        )
         for b, p in cfg.baselines.items()
     }
 

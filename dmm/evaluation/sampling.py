@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from dmm.atomic import DmmError
 
 
-def load_pipeline(path: Path):
+def load_pipeline(path: Path, device: str | torch.device = "cpu"):
     """A teacher/baseline (StableDiffusionPipeline) or a student (DMMStudentPipeline) folder."""
     import json
 
@@ -26,7 +26,7 @@ def load_pipeline(path: Path):
     cls = DMMStudentPipeline if "style_codebook" in index else StableDiffusionPipeline
     pipe = cls.from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 @torch.no_grad()
@@ -58,4 +58,4 @@ def sample(
                 **extra,
             ).images
         )
-    return torch.cat(out).clamp(0, 1)
+    return torch.cat(out).clamp(0, 1).cpu()
