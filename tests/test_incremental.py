@@ -159,5 +159,7 @@ def test_old_styles_are_replayed_from_the_previous_student(distill_data, previou
     # Not the pool's x0: freshly sampled, and different per style.
     assert not any(torch.allclose(data.latents[0], x) for x in pool.latents)
     assert not torch.allclose(data.latents[:5], data.latents[5:10])
-    again = replay_old_styles(prev, pool, len(index), index, cfg, torch.device("cpu"), torch.float32)
+    again = replay_old_styles(
+        prev, pool, len(index), index, cfg, torch.device("cpu"), torch.float32
+    )
     assert torch.equal(data.latents, again.latents)  # seeded: a resumed run replays the same x0
