@@ -174,6 +174,7 @@ def main() -> None:
                 acc, tacc = r["style_accuracy"], r["teacher_accuracy"]
                 results[name].setdefault("scores", {})[label] = {
                     "fid_t_ratio": r["fid_t_ratio"],
+                    "fid_t_independent_ratio": r.get("fid_t_independent_ratio"),
                     "fid_t": r["fid_t"],
                     "fid_t_ref": r["fid_t_ref"],
                     "diag": {s: M[i][i] for i, s in enumerate(r["styles"])},

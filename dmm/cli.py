@@ -299,6 +299,7 @@ def evaluate_cmd(
     r = evaluate(cfg)
     typer.echo(
         f"FD_t ({r['feature_extractor']}): {r['fid_t']:.4g}  reference: {r['fid_t_ref']:.4g}  ratio: {r['fid_t_ratio']:.3f}"
+        f"  (independent seeds: {r['fid_t_independent_ratio']:.3f})"
     )
     for n in r["styles"]:
         acc, ref = r["style_accuracy"][n], r["teacher_accuracy"][n]

@@ -82,6 +82,8 @@ def test_student_identical_to_its_teacher_scores_at_the_floor(mini_zoo, tmp_path
     # floor set by other seeds.
     assert r["M"][0][0] == pytest.approx(0.0, abs=1e-6)
     assert r["fid_t"] <= r["fid_t_ref"]
+    # Against the teacher's other-seed images the identical student IS the floor.
+    assert r["fid_t_independent_ratio"] == pytest.approx(1.0, rel=1e-3)
     out = tmp_path / "eval"
     saved = json.loads((out / "evaluation.json").read_text())
     for key in ("feature_extractor", "styles", "M", "M_ref", "fid_t", "fid_t_ref", "fid_t_ratio",
