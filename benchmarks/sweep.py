@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,19 @@ class Pool:
         self.queue.append((cmd, log, done, kill_at))
 
     def loop(self) -> None:
+        # Stopping the sweep stops its runs too: they are its children, not
+        # daemons, and an orphaned distillation would hold the CPU/GPU for hours.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            self._loop()
+        finally:
+            for proc, fh, *_ in self.running:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
+                fh.close()
+
+    def _loop(self) -> None:
         while self.queue or self.running:
             while self.queue and len(self.running) < self.jobs:
                 cmd, log, done, kill_at = self.queue.pop(0)
