@@ -79,11 +79,13 @@ class DistillConfig(BaseModel):
         description="share of each step's loss spent on old styles (0: no regularization)",
     )
 
-    # Where old styles' x0 come from. "previous_student": the previous student
-    # samples each old style on the new teachers' prompts before training, so
-    # old styles are regularised on their own images; "new_teachers": the new
-    # teachers' samples (off-style for the old styles at low noise).
-    old_style_x0: Literal["previous_student", "new_teachers"] = "previous_student"
+    # Where old styles' x0 come from. "new_teachers": the new teachers' samples.
+    # "previous_student": the previous student samples each old style on the new
+    # teachers' prompts before training, so old styles are held on their own
+    # images. On the zoo that drifted more (old styles 4-12x their parent's FD,
+    # one CPU run) than new-teacher x0 did (2-15x scratch, one GPU run), so it
+    # is not the default.
+    old_style_x0: Literal["previous_student", "new_teachers"] = "new_teachers"
     old_style_sample_steps: int = Field(10, ge=1, description="DPM-Solver++ steps of that replay")
     old_style_guidance: float = Field(3.0, ge=0, description="its classifier-free guidance")
     old_style_samples: int = Field(
