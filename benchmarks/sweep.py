@@ -261,7 +261,6 @@ def main() -> None:
     )
     warm_cfg = work / "warm-cache.yaml"
     ev = dict(params["evaluate"], student=str(base), baselines={})
-    warm_cfg.write_text(yaml.safe_dump({"evaluate": ev}))
     sets = {kv.split("=", 1)[0]: yaml.safe_load(kv.split("=", 1)[1]) for kv in args.eval_set}
     warm_cfg.write_text(yaml.safe_dump({"evaluate": {**ev, **sets}}))
     pool.submit(

@@ -397,6 +397,9 @@ def _distill(cfg: DistillConfig) -> Path:
         weight_dtype,
         cfg.teacher_placement,
     )
+    old_prev_index = (
+        torch.tensor([previous.style_names.index(n) for n in old_styles]) if old_styles else None
+    )
     data: dict[int, TeacherData] = {}
     for si in owned:
         src = sources[si]
@@ -409,10 +412,9 @@ def _distill(cfg: DistillConfig) -> Path:
             )
             previous.to(device, dtype=weight_dtype)
             if cfg.old_style_x0 == "previous_student":
-                replay_index = torch.tensor([previous.style_names.index(n) for n in old_styles])
                 t0 = time.perf_counter()
                 data[si] = replay_old_styles(
-                    previous, data[si], len(old_styles), replay_index, cfg, device, weight_dtype
+                    previous, data[si], len(old_styles), old_prev_index, cfg, device, weight_dtype
                 )
                 log.info(
                     "replayed %d x0 of old styles %s in %.1f s",
@@ -432,9 +434,6 @@ def _distill(cfg: DistillConfig) -> Path:
     sched_cfg = DDPMScheduler.load_config(Path(cfg.base) / "scheduler")
     alphas = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
     style_index = {n: i for i, n in enumerate(final_names)}
-    old_prev_index = (
-        torch.tensor([previous.style_names.index(n) for n in old_styles]) if old_styles else None
-    )
     old_new_index = torch.tensor([style_index[n] for n in old_styles]) if old_styles else None
 
     style_params = [
