@@ -148,6 +148,10 @@ def main() -> None:
     params = yaml.safe_load(args.params.read_text())
     doc = yaml.safe_load(args.variants.read_text())
     defaults, variants = doc.get("defaults") or {}, doc["variants"]
+    # Sweep keys (samples_dir, convergence, ...) may be defaults too.
+    shared = {k: v for k, v in defaults.items() if k in SWEEP_KEYS}
+    defaults = {k: v for k, v in defaults.items() if k not in SWEEP_KEYS}
+    variants = {n: {**shared, **(v or {})} for n, v in variants.items()}
     if args.only:
         keep, todo = set(), list(args.only)
         while todo:
@@ -158,6 +162,9 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # Concurrent runs that each spin up one thread per core fight for the
+    # cores (on 2 cores two runs went 4x slower each); split them instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     dmm = [sys.executable, "-m", "dmm.cli"]
     pool = Pool(args.jobs, env)
     results: dict[str, dict] = {n: {"spec": v} for n, v in variants.items()}
@@ -228,8 +235,12 @@ def main() -> None:
         if spec.get("convergence") and spec.get("init_from") is None:
             from dmm.distill import checkpoints as ckpt
 
+            # With EMA the student is the averaged weights; the last checkpoint
+            # holds the raw ones, so it is scored too (a paired comparison).
+            ema = yaml.safe_load((run / "distill.yaml").read_text())["distill"].get("ema")
             for step, directory in ckpt.list_checkpoints(run / "checkpoints"):
-                if (run / "student").is_dir() and step == results[name].get("steps_done"):
+                final = (run / "student").is_dir() and step == results[name].get("steps_done")
+                if final and not ema:
                     continue
                 evaluate(
                     name,

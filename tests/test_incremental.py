@@ -128,6 +128,22 @@ def test_previous_student_on_another_base_is_refused(distill_data, previous, tmp
         distill(make_cfg(distill_data, tmp_path / "x", ["stripes"], steps=1, init_from=moved))
 
 
+def test_auto_ratio_gives_every_style_its_full_merge_share(distill_data, tmp_path, previous):
+    from dmm.distill.trainer import make_sources
+
+    cfg = make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous)
+    assert cfg.old_style_ratio == "auto"
+    sources = make_sources(cfg, ["pastel", "neon", "sepia"])
+    assert [s.name for s in sources] == ["stripes", "previous-student"]
+    assert [s.weight for s in sources] == pytest.approx([0.25, 0.75])
+    assert [s.weight for s in make_sources(cfg, [])] == [1.0]  # a full merge
+    fixed = make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous,
+                     old_style_ratio=0.4)  # fmt: skip
+    assert [s.weight for s in make_sources(fixed, ["pastel"])] == pytest.approx([0.6, 0.4])
+    with pytest.raises(ValueError, match="old_style_ratio must be 'auto' or in"):
+        make_cfg(distill_data, tmp_path / "x", ["stripes"], old_style_ratio=1.5)
+
+
 def test_config_rejects_inconsistent_incremental_fields(distill_data, tmp_path, previous):
     with pytest.raises(ValueError, match="retire/replace need init_from"):
         make_cfg(distill_data, tmp_path / "x", ["stripes"], retire=["neon"])
@@ -176,3 +192,24 @@ def test_incremental_merge_with_replayed_old_styles_trains_them(distill_data, pr
     # The replayed old-style steps ran; before any update the student is its
     # parent on old styles, so it matches the parent's predictions exactly.
     assert rec["loss_score/previous-student"] == 0.0
+
+
+def test_style_warmup_moves_only_the_style_pathway(distill_data, previous, tmp_path):
+    # For style_warmup_steps only the style MLP and codebook train: the UNet's
+    # own weights leave the warmup exactly as the previous student had them.
+    from safetensors.torch import load_file
+
+    from dmm.distill.trainer import is_style_param
+    from tests.test_distill import student_weights
+
+    out = tmp_path / "warm"
+    distill(
+        make_cfg(distill_data, out, ["stripes"], steps=2, init_from=previous, style_warmup_steps=2)
+    )
+    before = load_file(previous / "unet" / "diffusion_pytorch_model.safetensors")
+    after = student_weights(out)
+    unet = [k for k in before if not is_style_param(f"unet.{k}")]
+    style = [k for k in before if is_style_param(f"unet.{k}")]
+    assert unet and style
+    assert all(torch.equal(before[k], after[k]) for k in unet)
+    assert any(not torch.equal(before[k], after[k]) for k in style)

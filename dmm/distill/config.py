@@ -47,6 +47,9 @@ class DistillConfig(BaseModel):
     # The style MLP and codebook start from nothing (zero last layer) while the
     # UNet starts from the base, so they may learn faster.
     style_lr_scale: float = Field(1.0, gt=0, description="lr multiplier of style MLP + codebook")
+    style_warmup_steps: int = Field(
+        0, ge=0, description="first steps in which only the style MLP + codebook train"
+    )
     # "base": the student starts as the base UNet. "teacher_mean": as the plain
     # average of the teachers' UNets (the weighted-sum merge), which is already
     # nearer every teacher; the zero-initialised style MLP then learns only
@@ -72,19 +75,19 @@ class DistillConfig(BaseModel):
     replace: list[str] = Field(
         default_factory=list, description="old styles retrained from a new teacher of that name"
     )
-    old_style_ratio: float = Field(
-        0.5,
-        ge=0,
-        le=1,
+    # "auto": the old styles' share of all styles trained, so every style, old
+    # or new, gets the share it would get in a full merge.
+    old_style_ratio: float | Literal["auto"] = Field(
+        "auto",
         description="share of each step's loss spent on old styles (0: no regularization)",
     )
 
     # Where old styles' x0 come from. "new_teachers": the new teachers' samples.
     # "previous_student": the previous student samples each old style on the new
     # teachers' prompts before training, so old styles are held on their own
-    # images. On the zoo that drifted more (old styles 4-12x their parent's FD,
-    # one CPU run) than new-teacher x0 did (2-15x scratch, one GPU run), so it
-    # is not the default.
+    # images. On the zoo it held old styles best from a 1200-step parent, and
+    # params.yaml's incremental merges use it; from a weak 400-step parent it
+    # drifted more (one run each). The CLI default stays the cheaper one.
     old_style_x0: Literal["previous_student", "new_teachers"] = "new_teachers"
     old_style_sample_steps: int = Field(10, ge=1, description="DPM-Solver++ steps of that replay")
     old_style_guidance: float = Field(3.0, ge=0, description="its classifier-free guidance")
@@ -120,6 +123,21 @@ class DistillConfig(BaseModel):
         if both:
             raise ValueError(f"styles both retired and replaced: {', '.join(both)}")
         return self
+
+    @model_validator(mode="after")
+    def _ratio_range(self) -> DistillConfig:
+        r = self.old_style_ratio
+        if r != "auto" and not 0 <= r <= 1:
+            raise ValueError(f"old_style_ratio must be 'auto' or in [0, 1], got {r}")
+        return self
+
+    def old_share(self, n_old: int) -> float:
+        """The share of each step's loss that the ``n_old`` old styles get."""
+        if n_old == 0:
+            return 0.0
+        if self.old_style_ratio == "auto":
+            return n_old / (n_old + len(self.teachers))
+        return float(self.old_style_ratio)
 
     @property
     def style_names(self) -> list[str]:

@@ -246,7 +246,7 @@ def plan_styles(cfg: DistillConfig, previous: list[str] | None) -> tuple[list[st
 
 def make_sources(cfg: DistillConfig, old_styles: list[str]) -> list[Source]:
     n_new = len(cfg.teachers)
-    r = cfg.old_style_ratio if old_styles else 0.0
+    r = cfg.old_share(len(old_styles))
     sources = [Source(t.name, (1 - r) / n_new, i) for i, t in enumerate(cfg.teachers)]
     if r > 0:
         sources.append(Source("previous-student", r, None))
@@ -446,7 +446,20 @@ def _distill(cfg: DistillConfig) -> Path:
     if style_params:
         groups.append({"params": style_params, "lr": cfg.lr * cfg.style_lr_scale})
     optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+    # During style warmup the UNet's lr is 0: only the style pathway moves, so a
+    # new style's first large gradients do not drag the shared weights (and
+    # with them every old style) toward the new teacher.
+    def unet_factor(s: int) -> float:
+        k = cfg.style_warmup_steps
+        if s < k:
+            return 0.0
+        return lr_factor(s, cfg) * min(1.0, (s - k + 1) / max(1, cfg.warmup_steps))
+
+    lambdas = [unet_factor]
+    if style_params:
+        lambdas.append(lambda s: lr_factor(s, cfg))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     use_adv = cfg.losses.adversarial > 0
     disc = disc_opt = None
     if use_adv:
@@ -636,7 +649,7 @@ def _distill(cfg: DistillConfig) -> Path:
             "old_styles": old_styles,
             "new_styles": [n for n in cfg.style_names],
             "retired": list(cfg.retire),
-            "old_style_ratio": cfg.old_style_ratio if old_styles else 0.0,
+            "old_style_ratio": cfg.old_share(len(old_styles)),
         }
         with atomic_dir(final) as tmp:
             model.save_pipeline(tmp / "pipe", cfg.base)
