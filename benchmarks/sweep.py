@@ -237,7 +237,7 @@ def main() -> None:
 
             # With EMA the student is the averaged weights; the last checkpoint
             # holds the raw ones, so it is scored too (a paired comparison).
-            ema = yaml.safe_load((run / "distill.yaml").read_text())["distill"].get("ema")
+            ema = configs[name].get("ema")
             for step, directory in ckpt.list_checkpoints(run / "checkpoints"):
                 final = (run / "student").is_dir() and step == results[name].get("steps_done")
                 if final and not ema:
@@ -250,8 +250,10 @@ def main() -> None:
                 )
         save()
 
+    configs: dict[str, dict] = {}
+
     def start(name: str) -> None:
-        cfg = distill_config(params, defaults, variants[name], work, name)
+        cfg = configs[name] = distill_config(params, defaults, variants[name], work, name)
         (work / name).mkdir(parents=True, exist_ok=True)
         cfg_file = work / name / "distill.yaml"
         cfg_file.write_text(yaml.safe_dump({"distill": cfg}))

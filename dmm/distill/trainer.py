@@ -280,6 +280,18 @@ def lr_factor(step: int, cfg: DistillConfig) -> float:
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
+def unet_lr_factor(step: int, cfg: DistillConfig) -> float:
+    """The UNet's multiplier: 0 during style warmup, then warmed up again.
+
+    While it is 0 only the style pathway moves, so a new style's first large
+    gradients do not drag the shared weights (and every old style) along.
+    """
+    k = cfg.style_warmup_steps
+    if step < k:
+        return 0.0
+    return lr_factor(step, cfg) * min(1.0, (step - k + 1) / max(1, cfg.warmup_steps))
+
+
 def base_fingerprint(base_dir: Path) -> str:
     from dmm.distill.teachers import unet_weights_file
 
@@ -400,16 +412,20 @@ def _distill(cfg: DistillConfig) -> Path:
     old_prev_index = (
         torch.tensor([previous.style_names.index(n) for n in old_styles]) if old_styles else None
     )
+    loaded: dict[int, TeacherData] = {}  # a process owning the previous student needs them all
+
+    def teacher_data(i: int) -> TeacherData:
+        if i not in loaded:
+            loaded[i] = TeacherData.load(cfg.teachers[i].samples, cfg.teachers[i].name)
+        return loaded[i]
+
     data: dict[int, TeacherData] = {}
     for si in owned:
         src = sources[si]
         if src.teacher_index is not None:
-            spec = cfg.teachers[src.teacher_index]
-            data[si] = TeacherData.load(spec.samples, spec.name)
+            data[si] = teacher_data(src.teacher_index)
         else:
-            data[si] = TeacherData.concat(
-                [TeacherData.load(t.samples, t.name) for t in cfg.teachers]
-            )
+            data[si] = TeacherData.concat([teacher_data(i) for i in range(len(cfg.teachers))])
             previous.to(device, dtype=weight_dtype)
             if cfg.old_style_x0 == "previous_student":
                 t0 = time.perf_counter()
@@ -446,17 +462,7 @@ def _distill(cfg: DistillConfig) -> Path:
     if style_params:
         groups.append({"params": style_params, "lr": cfg.lr * cfg.style_lr_scale})
     optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-    # During style warmup the UNet's lr is 0: only the style pathway moves, so a
-    # new style's first large gradients do not drag the shared weights (and
-    # with them every old style) toward the new teacher.
-    def unet_factor(s: int) -> float:
-        k = cfg.style_warmup_steps
-        if s < k:
-            return 0.0
-        return lr_factor(s, cfg) * min(1.0, (s - k + 1) / max(1, cfg.warmup_steps))
-
-    lambdas = [unet_factor]
+    lambdas = [lambda s: unet_lr_factor(s, cfg)]
     if style_params:
         lambdas.append(lambda s: lr_factor(s, cfg))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
