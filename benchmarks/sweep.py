@@ -139,7 +139,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks/out/sweep")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=None, help="seconds; stop distilling then")
-    ap.add_argument("--only", nargs="*", help="run only these variants (and what they need)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        help="run only these variants (and what they need that WORK does not hold yet)",
+    )
     ap.add_argument("--eval-set", action="append", default=[], help="evaluate override k=v")
     args = ap.parse_args()
     t_start = time.time()
@@ -158,7 +162,13 @@ def main() -> None:
             n = todo.pop()
             keep.add(n)
             todo += [d for d in (variants[n].get("after"), variants[n].get("init_from")) if d]
-        variants = {k: v for k, v in variants.items() if k in keep}
+        # A dependency that already has a student in WORK is reused, not rerun.
+        done = {n for n in keep - set(args.only) if (args.work / n / "student").is_dir()}
+        variants = {
+            k: ({**v, "after": None} if v.get("after") in done else v)
+            for k, v in variants.items()
+            if k in keep - done
+        }
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

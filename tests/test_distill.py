@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -116,8 +117,12 @@ def test_resumed_run_matches_uninterrupted_run(distill_data, tmp_path):
     names = ["pastel", "neon", "sepia"]
     full = tmp_path / "full"
     distill(make_cfg(distill_data, full, names, steps=4, ema=True))
+    # A crash after checkpoint 2 of the same 4-step run: the decaying rate
+    # depends on the total steps, so the restart must pick its schedule up too.
     part = tmp_path / "part"
-    distill(make_cfg(distill_data, part, names, steps=2, ema=True))
+    distill(make_cfg(distill_data, part, names, steps=4, ema=True))
+    shutil.rmtree(part / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(part / "student")
     distill(make_cfg(distill_data, part, names, steps=4, ema=True, resume="latest"))
     assert max_diff(student_weights(full), student_weights(part)) <= 1e-6
 
@@ -198,11 +203,14 @@ def test_two_processes_share_the_work_and_match_one_process(distill_data, tmp_pa
     import yaml
 
     names = ["pastel", "neon", "sepia", "stripes"]
+    # The rate decays every step, so a schedule stepped once per process
+    # (accelerate's default) would show here.
+    sched = dict(steps=3, lr_schedule="wsd", decay_fraction=1.0)
     single = tmp_path / "single"
-    distill(make_cfg(distill_data, single, names, steps=3))
+    distill(make_cfg(distill_data, single, names, **sched))
 
     double = tmp_path / "double"
-    cfg = make_cfg(distill_data, double, names, steps=3)
+    cfg = make_cfg(distill_data, double, names, **sched)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump({"distill": json.loads(cfg.model_dump_json())}))
     r = _launch_two(cfg_file, 29511)
@@ -212,6 +220,8 @@ def test_two_processes_share_the_work_and_match_one_process(distill_data, tmp_pa
     assert ranks[0]["teachers"] == [0, 2] and ranks[1]["teachers"] == [1, 3]
     assert set(ranks[0]["samples"]) == {"pastel", "sepia"}
     assert set(ranks[1]["samples"]) == {"neon", "stripes"}
+    lrs = [[r["lr"] for r in records(out) if "lr" in r] for out in (single, double)]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) == 3
     # Same batches, averaged gradients: the same student up to float reduction order.
     assert max_diff(student_weights(single), student_weights(double)) < 1e-5
 
@@ -230,7 +240,7 @@ def test_two_processes_with_a_teacher_count_they_do_not_divide(distill_data, tmp
     assert (out / STUDENT_UNET).is_file()
 
 
-def test_learning_rate_warms_up_then_stays_flat_or_decays_on_a_cosine():
+def test_learning_rate_warms_up_then_stays_flat_or_decays():
     from dmm.distill.config import DistillConfig
     from dmm.distill.trainer import lr_factor
 
@@ -244,6 +254,12 @@ def test_learning_rate_warms_up_then_stays_flat_or_decays_on_a_cosine():
     assert factors[55] == pytest.approx(0.5, abs=0.02) and factors[-1] < 1e-3
     flat = cfg.model_copy(update={"lr_schedule": "constant"})
     assert [lr_factor(s, flat) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+    # wsd: flat until the last 20 steps, then a straight line down to 1/20.
+    wsd = cfg.model_copy(update={"lr_schedule": "wsd", "decay_fraction": 0.2})
+    got = [lr_factor(s, wsd) for s in range(cfg.steps)]
+    assert got[0] == pytest.approx(0.1) and got[10:81] == [1.0] * 71
+    assert got[90] == pytest.approx(0.5) and got[-1] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(got[80:], got[81:], strict=False))
 
 
 def test_teacher_mean_init_starts_from_the_average_of_the_teachers(distill_data, tmp_path):

@@ -276,6 +276,9 @@ def lr_factor(step: int, cfg: DistillConfig) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "constant":
         return warm
+    if cfg.lr_schedule == "wsd":
+        decay = max(1, round(cfg.decay_fraction * cfg.steps))
+        return warm * min(1.0, max(0.0, (cfg.steps - step) / decay))
     done = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
@@ -342,6 +345,11 @@ def _distill(cfg: DistillConfig) -> Path:
         mixed_precision=cfg.mixed_precision,
         log_with=cfg.log_with or None,
         project_dir=str(out_dir),
+        # One optimizer step is one global step (every process's teachers
+        # together), so the schedule advances once per step. Accelerate's
+        # default advances it once per process, which would run warmup and
+        # decay `world` times too fast.
+        step_scheduler_with_optimizer=False,
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
