@@ -148,6 +148,18 @@ def test_bad_inputs_are_clear(mini_zoo, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+def test_inception_without_torch_fidelity_names_the_extra(tmp_path, monkeypatch):
+    import torchmetrics.image.fid
+
+    from dmm.evaluation.features import make_extractor
+
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"\0")
+    monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", False)
+    with pytest.raises(DmmError, match=r"torch-fidelity and torchvision: .*\[inception\]"):
+        make_extractor("inception", weights=weights)
+
+
 @pytest.mark.slow
 def test_wrong_model_scores_clearly_worse_than_the_floor(full_zoo, tmp_path):
     """The base alone, asked for every style, is far from the teachers."""

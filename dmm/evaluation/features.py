@@ -54,18 +54,22 @@ class InceptionFeatures(FeatureExtractor):
         weights = Path(weights)
         if not weights.is_file():
             raise DmmError(f"Inception weights file not found: {weights} (FID needs a local copy)")
+        # torchmetrics imports without torch-fidelity and only fails when the
+        # net is built, suggesting an install that would bring a CUDA-linked
+        # torchvision; both steps are guarded so the advice is ours.
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
+
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(weights),
+            )
         except ImportError as exc:  # torch-fidelity / torchvision missing
             raise DmmError(
                 "Inception FID needs torch-fidelity and torchvision: pip install -e "
                 "'.[inception]' (GPU installs only; see README)"
             ) from exc
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048"],
-            feature_extractor_weights_path=str(weights),
-        )
         self.net.eval()
 
     @torch.no_grad()
