@@ -19,4 +19,4 @@ class RegistryConfig(BaseModel):
     # champion is merged incrementally from it; "full" always merges from the base.
     merge: Literal["auto", "full"] = "auto"
     # Distillation settings of incremental merges, on top of params.yaml `distill`.
-    incremental: dict = Field(default_factory=lambda: {"steps": 300, "old_style_ratio": "auto"})
+    incremental: dict = Field(default_factory=lambda: {"steps": 600, "old_style_ratio": "auto"})
