@@ -4,8 +4,8 @@ The default is the project's own feature net (the zoo's style classifier
 trunk), reported as ``dmm-stylenet``: its distances are Frechet distances of
 their own kind, never "FID". Inception-v3 FID is available through
 torchmetrics when the user supplies a local weights file; it needs
-torch-fidelity and torchvision, the optional ``inception`` extra, for GPU
-installs only (next to the CPU-only torch, torchvision breaks diffusers).
+torch-fidelity and a torchvision built for the installed torch, which the
+project never installs (next to the CPU-only torch, torchvision breaks diffusers).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class InceptionFeatures(FeatureExtractor):
             )
         except ImportError as exc:  # torch-fidelity / torchvision missing
             raise DmmError(
-                "Inception FID needs torch-fidelity and torchvision: pip install -e "
-                "'.[inception]' (GPU installs only; see README)"
+                "Inception FID needs torch-fidelity and torchvision: install both by hand, "
+                "a torchvision built for your torch (GPU installs only; see README)"
             ) from exc
         self.net.eval()
 
