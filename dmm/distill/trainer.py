@@ -278,7 +278,7 @@ def lr_factor(step: int, cfg: DistillConfig) -> float:
         return warm
     if cfg.lr_schedule == "wsd":
         decay = max(1, round(cfg.decay_fraction * cfg.steps))
-        return warm * min(1.0, max(0.0, (cfg.steps - step) / decay))
+        return warm * min(1.0, (cfg.steps - step) / decay)
     done = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
