@@ -11,7 +11,7 @@ import torch
 
 from dmm.atomic import DmmError
 from dmm.distill.trainer import distill
-from tests.test_distill import make_cfg
+from tests.test_distill import _launch_two, make_cfg, max_diff, student_weights
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,12 @@ def test_incremental_merge_adds_styles_and_records_lineage(distill_data, previou
     assert lineage["old_styles"] == ["pastel", "neon", "sepia"]
     assert lineage["new_styles"] == ["stripes"]
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    # Both sources contribute: the new teacher and the frozen previous student.
-    assert rec["loss_score/stripes"] > 0 and "loss_score/previous-student" in rec
+    # Both kinds of source contribute: the new teacher, and the frozen previous
+    # student once per old style (each with a full micro-batch every step).
+    old = [f"previous-student:{n}" for n in ("pastel", "neon", "sepia")]
+    assert rec["loss_score/stripes"] > 0 and all(f"loss_score/{o}" in rec for o in old)
     ranks = json.loads((out / "rank-0.json").read_text())
-    assert ranks["samples"]["previous-student"] == 3 * 4
+    assert ranks["samples"] == {"stripes": 3 * 4, **{o: 3 * 4 for o in old}}
 
 
 def test_without_regularization_only_new_teachers_train(distill_data, previous, tmp_path):
@@ -61,7 +63,7 @@ def test_without_regularization_only_new_teachers_train(distill_data, previous, 
         make_cfg(distill_data, out, ["stripes"], steps=1, init_from=previous, old_style_ratio=0.0)
     )
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "loss_score/previous-student" not in rec
+    assert not any(k.startswith("loss_score/previous-student") for k in rec)
 
 
 def test_name_collision_needs_replace(distill_data, previous, tmp_path):
@@ -131,14 +133,15 @@ def test_previous_student_on_another_base_is_refused(distill_data, previous, tmp
 def test_auto_ratio_gives_every_style_its_full_merge_share(distill_data, tmp_path, previous):
     from dmm.distill.trainer import make_sources
 
-    cfg = make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous)
+    cfg = make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous,
+                   old_style_batches="shared")  # fmt: skip
     assert cfg.old_style_ratio == "auto"
     sources = make_sources(cfg, ["pastel", "neon", "sepia"])
     assert [s.name for s in sources] == ["stripes", "previous-student"]
     assert [s.weight for s in sources] == pytest.approx([0.25, 0.75])
     assert [s.weight for s in make_sources(cfg, [])] == [1.0]  # a full merge
     fixed = make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous,
-                     old_style_ratio=0.4)  # fmt: skip
+                     old_style_ratio=0.4, old_style_batches="shared")  # fmt: skip
     assert [s.weight for s in make_sources(fixed, ["pastel"])] == pytest.approx([0.6, 0.4])
     with pytest.raises(ValueError, match="old_style_ratio must be 'auto' or in"):
         make_cfg(distill_data, tmp_path / "x", ["stripes"], old_style_ratio=1.5)
@@ -181,10 +184,10 @@ def test_old_styles_are_replayed_from_the_previous_student(distill_data, previou
     assert torch.equal(data.latents, again.latents)  # seeded: a resumed run replays the same x0
 
 
-def test_incremental_merge_with_replayed_old_styles_trains_them(distill_data, previous, tmp_path):
+def test_shared_old_style_batch_with_replayed_x0_trains_them(distill_data, previous, tmp_path):
     out = tmp_path / "replay"
     cfg = make_cfg(
-        distill_data, out, ["stripes"], steps=1, init_from=previous,
+        distill_data, out, ["stripes"], steps=1, init_from=previous, old_style_batches="shared",
         old_style_x0="previous_student", old_style_samples=4, old_style_sample_steps=2,
     )  # fmt: skip
     distill(cfg)
@@ -192,6 +195,79 @@ def test_incremental_merge_with_replayed_old_styles_trains_them(distill_data, pr
     # The replayed old-style steps ran; before any update the student is its
     # parent on old styles, so it matches the parent's predictions exactly.
     assert rec["loss_score/previous-student"] == 0.0
+
+
+def test_per_style_old_batches_give_each_old_style_a_full_micro_batch(
+    distill_data, previous, tmp_path
+):
+    from dmm.distill.trainer import make_sources
+
+    cfg = make_cfg(distill_data, tmp_path / "x", ["stripes"], init_from=previous)
+    assert cfg.old_style_batches == "per_style"  # the default
+    sources = make_sources(cfg, ["pastel", "neon", "sepia"])
+    assert [(s.name, s.old_style) for s in sources] == [
+        ("stripes", None),
+        ("previous-student:pastel", 0),
+        ("previous-student:neon", 1),
+        ("previous-student:sepia", 2),
+    ]
+    # The same shares as one shared micro-batch: each style as in a full merge.
+    assert [s.weight for s in sources] == pytest.approx([0.25] * 4)
+
+
+@pytest.mark.parametrize("x0", ["previous_student", "new_teachers"])
+def test_per_style_old_batches_train_each_old_style_from_the_parent(
+    distill_data, previous, tmp_path, x0
+):
+    out = tmp_path / "per-style"
+    cfg = make_cfg(
+        distill_data, out, ["stripes"], steps=1, init_from=previous, old_style_x0=x0,
+        old_style_batches="per_style", old_style_samples=4, old_style_sample_steps=2,
+    )  # fmt: skip
+    distill(cfg)
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    # Each old style ran its own micro-batch; before any update the student is
+    # its parent on old styles, so each matches the parent exactly, while the
+    # new style (no effect yet) does not match its teacher.
+    for name in ("pastel", "neon", "sepia"):
+        assert rec[f"loss_score/previous-student:{name}"] == 0.0
+    assert rec["loss_score/stripes"] > 0
+
+
+def test_per_style_old_batches_on_two_processes_match_one(distill_data, previous, tmp_path):
+    """The old styles' sources spread over the ranks like teachers do."""
+    import yaml
+
+    single = tmp_path / "single"
+    distill(make_cfg(distill_data, single, ["stripes"], steps=2, init_from=previous))
+    double = tmp_path / "double"
+    cfg = make_cfg(distill_data, double, ["stripes"], steps=2, init_from=previous)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({"distill": json.loads(cfg.model_dump_json())}))
+    r = _launch_two(cfg_file, 29513)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((double / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert set(ranks[0]["samples"]) == {"stripes", "previous-student:neon"}
+    assert set(ranks[1]["samples"]) == {"previous-student:pastel", "previous-student:sepia"}
+    assert max_diff(student_weights(single), student_weights(double)) < 1e-5
+
+
+def test_replayed_x0_split_by_old_style():
+    import torch
+
+    from dmm.distill.trainer import TeacherData
+
+    emb = torch.arange(6.0).view(6, 1, 1)
+    data = TeacherData(
+        torch.arange(6.0).view(6, 1, 1, 1), emb, emb, emb[:1], emb[:1],
+        styles=torch.tensor([0, 0, 1, 1, 2, 2]),
+    )  # fmt: skip
+    one = data.for_style(1)
+    assert one.latents.flatten().tolist() == [2.0, 3.0]
+    assert one.base_embeds.flatten().tolist() == [2.0, 3.0]
+    assert one.styles.tolist() == [1, 1]
+    pooled = TeacherData(data.latents, emb, emb, emb[:1], emb[:1])
+    assert pooled.for_style(1) is pooled  # new-teacher x0 serve every old style
 
 
 def test_style_warmup_moves_only_the_style_pathway(distill_data, previous, tmp_path):

@@ -95,6 +95,16 @@ class DistillConfig(BaseModel):
     # params.yaml's incremental merges use it; from a weak 400-step parent it
     # drifted more (one run each). The CLI default stays the cheaper one.
     old_style_x0: Literal["previous_student", "new_teachers"] = "new_teachers"
+    # "per_style": one micro-batch per old style, so every old style sees as
+    # many samples per step as in a full merge, with the previous student
+    # standing in for its teacher; a step costs what a full merge's does, and
+    # the saving is in the step count and the old teachers never loaded.
+    # "shared": one micro-batch for all old styles, each sample asking for a
+    # random one (cheaper steps, noisier old-style gradients). On the zoo, +2
+    # teachers at 600 steps each from a 1200-step parent, old styles replayed:
+    # per_style 0.52/0.58/0.22 (from scratch: 0.72/0.56/0.30), shared
+    # 1.57/0.75/0.32, shared at 1000 steps 1.20/1.14/0.39.
+    old_style_batches: Literal["shared", "per_style"] = "per_style"
     old_style_sample_steps: int = Field(10, ge=1, description="DPM-Solver++ steps of that replay")
     old_style_guidance: float = Field(3.0, ge=0, description="its classifier-free guidance")
     old_style_samples: int = Field(

@@ -11,6 +11,7 @@ the same job on another process count, sees exactly the same batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -103,6 +104,20 @@ class TeacherData:
     # For old-style data: the old style (index into the old styles) of each x0,
     # or None when any old style may be asked of any x0.
     styles: torch.Tensor | None = None
+
+    def for_style(self, k: int) -> TeacherData:
+        """x0 for old style ``k`` alone: its replayed images, or the whole pool."""
+        if self.styles is None:
+            return self
+        keep = self.styles == k
+        return TeacherData(
+            self.latents[keep],
+            self.teacher_embeds[keep],
+            self.base_embeds[keep],
+            self.uncond_teacher,
+            self.uncond_base,
+            styles=self.styles[keep],
+        )
 
     @classmethod
     def concat(cls, parts: list[TeacherData]) -> TeacherData:
@@ -217,6 +232,7 @@ class Source:
     name: str
     weight: float  # share of each optimizer step's loss
     teacher_index: int | None  # index into cfg.teachers, None for the previous student
+    old_style: int | None = None  # previous student, one old style only (index into old styles)
 
 
 def plan_styles(cfg: DistillConfig, previous: list[str] | None) -> tuple[list[str], list[str]]:
@@ -248,7 +264,12 @@ def make_sources(cfg: DistillConfig, old_styles: list[str]) -> list[Source]:
     n_new = len(cfg.teachers)
     r = cfg.old_share(len(old_styles))
     sources = [Source(t.name, (1 - r) / n_new, i) for i, t in enumerate(cfg.teachers)]
-    if r > 0:
+    if r > 0 and cfg.old_style_batches == "per_style":
+        share = r / len(old_styles)
+        sources += [
+            Source(f"previous-student:{n}", share, None, k) for k, n in enumerate(old_styles)
+        ]
+    elif r > 0:
         sources.append(Source("previous-student", r, None))
     return sources
 
@@ -427,23 +448,30 @@ def _distill(cfg: DistillConfig) -> Path:
             loaded[i] = TeacherData.load(cfg.teachers[i].samples, cfg.teachers[i].name)
         return loaded[i]
 
+    @functools.cache  # one pool (and one replay) for every old-style source
+    def old_style_data() -> TeacherData:
+        pool = TeacherData.concat([teacher_data(i) for i in range(len(cfg.teachers))])
+        previous.to(device, dtype=weight_dtype)
+        if cfg.old_style_x0 == "previous_student":
+            t0 = time.perf_counter()
+            pool = replay_old_styles(
+                previous, pool, len(old_styles), old_prev_index, cfg, device, weight_dtype
+            )
+            log.info(
+                "replayed %d x0 of old styles %s in %.1f s",
+                pool.latents.shape[0], ", ".join(old_styles), time.perf_counter() - t0,
+            )  # fmt: skip
+        return pool
+
     data: dict[int, TeacherData] = {}
     for si in owned:
         src = sources[si]
         if src.teacher_index is not None:
             data[si] = teacher_data(src.teacher_index)
+        elif src.old_style is None:
+            data[si] = old_style_data()
         else:
-            data[si] = TeacherData.concat([teacher_data(i) for i in range(len(cfg.teachers))])
-            previous.to(device, dtype=weight_dtype)
-            if cfg.old_style_x0 == "previous_student":
-                t0 = time.perf_counter()
-                data[si] = replay_old_styles(
-                    previous, data[si], len(old_styles), old_prev_index, cfg, device, weight_dtype
-                )
-                log.info(
-                    "replayed %d x0 of old styles %s in %.1f s",
-                    data[si].latents.shape[0], ", ".join(old_styles), time.perf_counter() - t0,
-                )  # fmt: skip
+            data[si] = old_style_data().for_style(src.old_style)
     want = (
         base_unet.config.in_channels,
         base_unet.config.sample_size,
@@ -535,7 +563,9 @@ def _distill(cfg: DistillConfig) -> Path:
                 # Each sample asks for a random old style; the previous student
                 # shows what that style looked like before this merge.
                 pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
-                if data[si].styles is not None:  # replayed x0: ask for the style it shows
+                if src.old_style is not None:
+                    pick = torch.full((cfg.batch_size,), src.old_style)
+                elif data[si].styles is not None:  # replayed x0: ask for the style it shows
                     pick = data[si].styles[mb.idx]
                 style = torch.nn.functional.one_hot(old_new_index[pick], len(final_names)).float()
                 prev_style = torch.nn.functional.one_hot(
