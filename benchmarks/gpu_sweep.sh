@@ -10,9 +10,9 @@
 # SAMPLES lists the sample caches to build, each OUT[:KEY=VALUE,...] on top of
 # params.yaml's `sample:` (default: data/samples); EVAL_SETS, KEY=VALUE
 # overrides of the evaluation (space-separated). MPS=1 starts NVIDIA's
-# multi-process service first, so the runs' small kernels overlap on the GPU
-# instead of taking turns; without it (or if it will not start) the runs share
-# the GPU by time slices, about 24 zoo steps/s in all on an H100.
+# multi-process service first (falling back to time slices if it will not
+# start). On an H100, 16 time-sliced runs made about 24 five-teacher zoo steps/s
+# in all; 4-8 runs under MPS made about 12, so MPS is off by default.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)

@@ -17,7 +17,8 @@ not by the GPU), so `--jobs 8` there costs little more than one run. On a
 variants (a variant starts when the one it is `after` has finished);
 `convergence: true` also scores every sealed checkpoint. With `--deadline S`,
 distillations still running S seconds after the start are stopped and scored
-from their last sealed checkpoint. Writes WORK/sweep.json and prints a table.
+from their last sealed checkpoint. Writes WORK/sweep.json (or --results) and
+prints a table.
 
     python benchmarks/sweep.py benchmarks/sweeps/demo.yaml --work benchmarks/out/sweep --jobs 8
 """
@@ -145,6 +146,9 @@ def main() -> None:
         help="run only these variants (and what they need that WORK does not hold yet)",
     )
     ap.add_argument("--eval-set", action="append", default=[], help="evaluate override k=v")
+    ap.add_argument(
+        "--results", type=Path, help="where to write the results (default WORK/sweep.json)"
+    )
     args = ap.parse_args()
     t_start = time.time()
     kill_at = t_start + args.deadline if args.deadline else None
@@ -181,7 +185,7 @@ def main() -> None:
     base = Path(params["distill"]["base"])
 
     def save() -> None:
-        (work / "sweep.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.results or work / "sweep.json").write_text(json.dumps(results, indent=2, default=str))
 
     def evaluate(name: str, label: str, student: Path, styles: list[str], extra=None) -> None:
         ev = dict(params["evaluate"], **(extra or {}))

@@ -103,7 +103,9 @@ class DistillConfig(BaseModel):
     # random one (cheaper steps, noisier old-style gradients). On the zoo, +2
     # teachers at 600 steps each from a 1200-step parent, old styles replayed:
     # per_style 0.52/0.58/0.22 (from scratch: 0.72/0.56/0.30), shared
-    # 1.57/0.75/0.32, shared at 1000 steps 1.20/1.14/0.39.
+    # 1.57/0.75/0.32, shared at 1000 steps 1.20/1.14/0.39; on a second
+    # training seed per_style 0.58/0.63/0.19, shared 1.00/1.03/0.39 (from
+    # scratch: 0.80/0.59/0.25).
     old_style_batches: Literal["shared", "per_style"] = "per_style"
     old_style_sample_steps: int = Field(10, ge=1, description="DPM-Solver++ steps of that replay")
     old_style_guidance: float = Field(3.0, ge=0, description="its classifier-free guidance")

@@ -560,8 +560,10 @@ def _distill(cfg: DistillConfig) -> Path:
                 prev_style = None
                 hooked = teacher
             else:
-                # Each sample asks for a random old style; the previous student
-                # shows what that style looked like before this merge.
+                # The previous student shows what an old style looked like
+                # before this merge: the source's own style (per_style), or, in
+                # a shared micro-batch, the style a replayed x0 shows or a
+                # random one.
                 pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
                 if src.old_style is not None:
                     pick = torch.full((cfg.batch_size,), src.old_style)
