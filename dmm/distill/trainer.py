@@ -564,11 +564,12 @@ def _distill(cfg: DistillConfig) -> Path:
                 # before this merge: the source's own style (per_style), or, in
                 # a shared micro-batch, the style a replayed x0 shows or a
                 # random one.
-                pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
                 if src.old_style is not None:
                     pick = torch.full((cfg.batch_size,), src.old_style)
                 elif data[si].styles is not None:  # replayed x0: ask for the style it shows
                     pick = data[si].styles[mb.idx]
+                else:
+                    pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
                 style = torch.nn.functional.one_hot(old_new_index[pick], len(final_names)).float()
                 prev_style = torch.nn.functional.one_hot(
                     old_prev_index[pick], len(previous.style_names)
