@@ -191,7 +191,10 @@ def sample_cmd(
     zoo: Annotated[Path | None, typer.Option(help="Sample every teacher of this zoo.")] = None,
     teacher: Annotated[list[str] | None, typer.Option(help="NAME=DIR, repeatable.")] = None,
     base: Annotated[
-        Path | None, typer.Option(help="Base pipeline folder (default: ZOO/base).")
+        Path | None,
+        typer.Option(
+            help="Base pipeline folder (default: ZOO/base, else data/teachers.yaml's base)."
+        ),
     ] = None,
     prompts: Annotated[Path, typer.Option(help="Train prompts JSONL.")] = Path(
         "data/prompts/train.jsonl"
@@ -227,18 +230,32 @@ def sample_cmd(
                 f"unknown teachers in --only: {', '.join(unknown)}; known: {', '.join(dirs)}"
             )
         dirs = {k: v for k, v in dirs.items() if k in only}
-    base_dir = base or (zoo / "base" if zoo else None)
+    base_dir = base or (zoo / "base" if zoo else _manifest_base())
     if base_dir is None:
-        raise DmmError("give --base (or --zoo)")
+        raise DmmError("give --base (or --zoo), or run where data/teachers.yaml names the base")
     done = sample_all(dirs, base_dir, prompts, out, cfg, device=device, summary=summary)
     counts = ", ".join(f"{k}: {v['num_samples']}" for k, v in done.items())
     typer.echo(f"samples: {out} ({counts})")
 
 
+def _manifest_base() -> Path | None:
+    """The base that data/teachers.yaml names, resolved as the plan resolves it."""
+    from dmm import layout
+
+    if not Path(layout.MANIFEST).is_file():
+        return None
+    from dmm.plan import resolve_manifest_base
+
+    return resolve_manifest_base(Path("."))
+
+
 @app.command("generate")
 @one_line_errors
 def generate_cmd(
-    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    prompt: Annotated[
+        list[str] | None,
+        typer.Argument(help="One or more prompts (with --grid, default: the preview prompts)."),
+    ] = None,
     student: Annotated[Path, typer.Option(help="Student pipeline folder.")] = Path(
         "data/student/student"
     ),
@@ -259,12 +276,17 @@ def generate_cmd(
     scale: Annotated[int, typer.Option(help="Upscale factor for the grid preview.")] = 3,
 ) -> None:
     """Generate PNGs from a student with style=; --grid writes one row per style."""
+    from dmm import layout
+    from dmm.atomic import DmmError
+
+    if not prompt and not grid:
+        raise DmmError("give at least one prompt")
     _quiet_libraries()
     from dmm.student.generate import generate_images, parse_style
 
     result = generate_images(
         student,
-        prompts=list(prompt),
+        prompts=list(prompt or layout.PREVIEW_PROMPTS),
         styles=[parse_style(s) for s in style] if style else None,
         out_dir=out,
         seed=seed,
@@ -287,16 +309,34 @@ def evaluate_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override, e.g. --set images_per_style=256")
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            help="Evaluate the plan's student with the plan's config (data/plan/evaluate.json); "
+            "also writes data/evaluation/metrics.json."
+        ),
+    ] = False,
 ) -> None:
     """Run the FID_t protocol: student vs teachers vs static baselines; writes JSON + HTML report."""
+    from dmm import layout
     from dmm.config import load_stage_config
     from dmm.evaluation.config import EvaluateConfig
 
+    if plan:
+        config = Path(layout.EVALUATE_PLAN)
+        if not config.is_file():
+            from dmm.atomic import DmmError
+
+            raise DmmError(f"no {config}: run `dmm plan` first")
     cfg = load_stage_config(EvaluateConfig, config, _yaml_section(config, "evaluate"), set_)
     _quiet_libraries()
     from dmm.evaluation.protocol import evaluate
 
     r = evaluate(cfg)
+    if plan:
+        from dmm.workflow_cli import write_metrics
+
+        write_metrics(Path("."), r, cfg.student)
     typer.echo(
         f"FD_t ({r['feature_extractor']}): {r['fid_t']:.4g}  reference: {r['fid_t_ref']:.4g}  ratio: {r['fid_t_ratio']:.3f}"
         f"  (independent seeds: {r['fid_t_independent_ratio']:.3f})"
@@ -373,9 +413,27 @@ def distill_cmd(
         Path | None,
         typer.Option("--from", help="Previous student: merge the config's teachers incrementally."),
     ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            help="Run the merge plan (data/plan/, from `dmm plan`): its recipe, its parent, its "
+            "MLflow run; under accelerate launch when DMM_ACCELERATE_ARGS is set."
+        ),
+    ] = False,
 ) -> None:
     """Distill every teacher into one style-promptable student (runs under accelerate launch too)."""
     from dmm.config import load_stage_config
+
+    if plan:
+        if config or set_ or resume or from_:
+            raise ValueError(
+                "--plan takes its config from the plan; drop --config/--set/--resume/--from"
+            )
+        _quiet_libraries()
+        from dmm.workflow_cli import run_distill_plan
+
+        typer.echo(f"student: {run_distill_plan(Path('.'))}")
+        return
     from dmm.distill.config import DistillConfig
 
     overrides = list(set_ or [])
@@ -400,6 +458,11 @@ app.add_typer(teachers_app, name="teachers")
 from dmm.student.cli import export_command  # noqa: E402
 
 app.command("export")(export_command)
+from dmm.workflow_cli import baselines_command, plan_command, register_command  # noqa: E402
+
+app.command("plan")(one_line_errors(plan_command))
+app.command("baselines")(one_line_errors(baselines_command))
+app.command("register")(one_line_errors(register_command))
 
 
 if __name__ == "__main__":

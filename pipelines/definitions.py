@@ -10,6 +10,7 @@ from pipelines.defs.jobs import dmm_job
 from pipelines.defs.resources import (
     ComputeResource,
     DvcResource,
+    MergeRequestResource,
     MlflowResource,
     ProjectResource,
 )
@@ -25,6 +26,8 @@ def build_resources(project: ProjectResource | None = None) -> dict:
         "mlflow": MlflowResource(project=project),
         # Set per launch (launchpad `resources: compute: config:`), e.g. an Accelerate config.
         "compute": ComputeResource.configure_at_launch(),
+        # Per run: settings beyond params.yaml (launchpad `resources: merge_request: config:`).
+        "merge_request": MergeRequestResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
 

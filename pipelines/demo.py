@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines import layout
+from dmm import layout
 
 ROOT = Path(os.environ.get("DMM_REPO_ROOT", Path(__file__).resolve().parents[1]))
 

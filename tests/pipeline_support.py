@@ -35,19 +35,20 @@ ALL_ASSETS = {
     "registered_model",
 }
 
-DISTILL_OVERRIDES = [
-    "steps=2",
-    "batch_size=2",
-    "checkpoint_every=2",
-    "log_every=1",
-    "warmup_steps=0",
-]
-EVALUATE_OVERRIDES = [
-    "images_per_style=128",
-    "steps=2",
-    "batch_size=128",
-    "interpolation_points=2",
-]
+# The miniature run's settings, as a launchpad would set them (resource merge_request).
+DISTILL_SETTINGS = {
+    "steps": 2,
+    "batch_size": 2,
+    "checkpoint_every": 2,
+    "log_every": 1,
+    "warmup_steps": 0,
+}
+EVALUATE_SETTINGS = {
+    "images_per_style": 128,
+    "steps": 2,
+    "batch_size": 128,
+    "interpolation_points": 2,
+}
 # A 2-step student cannot beat anything: the test gate accepts whatever it is,
 # so the registration path (champion) runs; test_pipeline checks the failing side.
 LENIENT_GATE = {
@@ -89,6 +90,7 @@ def miniature_params() -> dict:
         "samples_per_prompt": 1,
         "batch_size": 8,
     }
+    params["preview"] = {"steps": 2}
     params.setdefault("registry", {})["model_name"] = MODEL_NAME
     return params
 
@@ -98,8 +100,9 @@ def make_repo(dest: Path) -> Path:
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)
-    (dest / "data").mkdir()
+    (dest / "data" / "plan").mkdir(parents=True)
     shutil.copy(REPO / "data" / "teachers.yaml", dest / "data" / "teachers.yaml")
+    shutil.copy(REPO / "data" / "plan" / "request.json", dest / "data" / "plan" / "request.json")
     # dvc.yaml's deps name dmm source folders; the commands run the installed dmm.
     shutil.copytree(REPO / "dmm", dest / "dmm", ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "params.yaml").write_text(yaml.safe_dump(miniature_params(), sort_keys=False))
@@ -109,21 +112,32 @@ def make_repo(dest: Path) -> Path:
     return dest
 
 
-def resources_for(repo: Path, tracking_uri: str) -> dict:
+def merge_request(**extra):
+    from pipelines.defs.config import DistillSettings, EvaluateSettings
+    from pipelines.defs.resources import MergeRequestResource
+
+    return MergeRequestResource(
+        distill=DistillSettings(**DISTILL_SETTINGS),
+        evaluate=EvaluateSettings(**EVALUATE_SETTINGS),
+        **extra,
+    )
+
+
+def resources_for(repo: Path, tracking_uri: str, **request) -> dict:
     from pipelines.definitions import build_resources
-    from pipelines.defs.resources import MlflowResource, ProjectResource
+    from pipelines.defs.resources import ComputeResource, MlflowResource, ProjectResource
 
     project = ProjectResource(repo_root=str(repo))
     resources = build_resources(project)
     resources["mlflow"] = MlflowResource(project=project, tracking_uri=tracking_uri)
+    resources["compute"] = ComputeResource()
+    resources["merge_request"] = merge_request(**request)
     return resources
 
 
 def run_config(gate: dict | None = None) -> dict:
     return {
         "ops": {
-            "merged_student": {"config": {"overrides": DISTILL_OVERRIDES, "preview_steps": 2}},
-            "evaluation": {"config": {"overrides": EVALUATE_OVERRIDES}},
             "evaluation_evaluation_gate": {"config": gate if gate is not None else LENIENT_GATE},
         }
     }

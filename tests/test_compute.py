@@ -16,8 +16,9 @@ def test_launch_keeps_cpu_threads(tmp_path, monkeypatch):
     (tmp_path / "probe_threads.py").write_text(
         "import os, torch\nprint('THREADS', os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())\n"
     )
-    res = ComputeResource()
-    cmd = res.launch_command("probe_threads", [])
+    res = ComputeResource(device="cpu")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *res.launch_args()]
+    cmd += ["-m", "probe_threads"]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=True)
     line = next(x for x in out.stdout.splitlines() if x.startswith("THREADS"))
@@ -30,5 +31,8 @@ def test_cpu_threads_follow_env_and_process_count(monkeypatch):
     assert ComputeResource().cpu_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert ComputeResource(num_processes=2).cpu_threads() == max(1, (os.cpu_count() or 1) // 2)
-    assert "--num_cpu_threads_per_process" in ComputeResource().launch_command("m", [])
-    assert sys.executable in ComputeResource().launch_command("m", [])
+    # One process on this machine trains in place: no launcher, nothing to pass on.
+    assert ComputeResource().launch_args() == [] and ComputeResource().env() == {}
+    args = ComputeResource(num_processes=2).launch_args()
+    assert "--num_cpu_threads_per_process" in args and "--multi_gpu" in args
+    assert ComputeResource(num_processes=2).env()["DMM_ACCELERATE_ARGS"].startswith("--num_processes 2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dmm.registry.gate import GateThresholds, check_gate
-from dmm.registry.lineage import ChampionRecord, MergePlan, plan_merge, read_plan, write_plan
+from dmm.registry.lineage import ChampionRecord, MergePlan, plan_merge
 
 SHA = {"pastel": "a", "neon": "b", "sepia": "c"}
 
@@ -59,13 +59,6 @@ def test_a_changed_teacher_hash_is_a_replacement_and_a_dropped_one_retires():
 def test_the_same_teachers_are_unchanged():
     plan = plan_merge(champion(), ["sepia", "pastel", "neon"], SHA, "base")
     assert plan.kind == "unchanged" and plan.merge_kind == "full"
-
-
-def test_the_plan_round_trips_through_its_file(tmp_path):
-    plan = plan_merge(champion(), [*SHA, "stripes"], {**SHA, "stripes": "d"}, "base")
-    write_plan(tmp_path, plan)
-    assert read_plan(tmp_path) == plan
-    assert read_plan(tmp_path / "nowhere") is None
 
 
 def _results(diag: list[float]) -> dict:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dmm.names import STYLE_NAME_PATTERN
+
 
 class LossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,7 +23,7 @@ class LossConfig(BaseModel):
 class TeacherSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=STYLE_NAME_PATTERN)
     path: Path  # a diffusers pipeline folder
     samples: Path  # the teacher's sample cache (dmm sample)
 

@@ -7,13 +7,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dmm.names import STYLE_NAME_PATTERN
+
 
 class TeacherRef(BaseModel):
     # Extra keys are ignored so that params.yaml can share one teacher list
     # (a YAML anchor) between distillation, which also reads `samples`, and evaluation.
     model_config = ConfigDict(extra="ignore")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=STYLE_NAME_PATTERN)
     path: Path
 
 

@@ -16,16 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dmm.atomic import DmmError, atomic_dir, write_text_atomic
+from dmm import names
+from dmm.atomic import DmmError, atomic_dir
+from dmm.names import BASE_TAG, DIAG_METRIC, STYLES_TAG, teacher_tag
 
-STYLES_TAG = "dmm.teachers"
-BASE_TAG = "dmm.base_sha256"
-PLAN_FILE = "merge_plan.json"
-DIAG_METRIC = "eval/M_diag/"
-
-
-def teacher_tag(name: str) -> str:
-    return f"dmm.teacher.{name}.sha256"
+# Where a merge run keeps its plan files (dmm.plan), so a later plan can find
+# the recipe an incremental champion was made from.
+PLAN_ARTIFACT = "plan"
 
 
 @dataclass(frozen=True)
@@ -39,6 +36,8 @@ class ChampionRecord:
     base_sha: str | None
     student_sha: str | None
     diag_fd: dict[str, float] = field(default_factory=dict)
+    merge_kind: str = "full"
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,10 @@ def read_champion(client, model_name: str, alias: str = "champion") -> ChampionR
         styles=styles,
         teacher_sha={s: tags[teacher_tag(s)] for s in styles if teacher_tag(s) in tags},
         base_sha=tags.get(BASE_TAG),
-        student_sha=tags.get("dmm.student_sha256"),
+        student_sha=tags.get(names.STUDENT_SHA_TAG),
         diag_fd=diag,
+        merge_kind=tags.get(names.MERGE_KIND_TAG, "full"),
+        fingerprint=tags.get(names.FINGERPRINT_TAG, ""),
     )
 
 
@@ -163,12 +164,19 @@ def fetch_parent_student(client, model_name: str, champion: ChampionRecord, dest
     return folder
 
 
-def write_plan(out_dir: Path, plan: MergePlan) -> None:
-    write_text_atomic(Path(out_dir) / PLAN_FILE, plan.to_json())
+def fetch_recipe(client, champion: ChampionRecord) -> dict | None:
+    """The plan files the champion's run logged (``{"plan": ..., "recipe": ...}``), or None."""
+    import tempfile
 
+    from mlflow.exceptions import MlflowException
 
-def read_plan(out_dir: Path) -> MergePlan | None:
-    path = Path(out_dir) / PLAN_FILE
-    if not path.is_file():
+    if not champion.run_id:
         return None
-    return MergePlan(**json.loads(path.read_text()))
+    with tempfile.TemporaryDirectory(prefix="dmm-recipe-") as tmp:
+        try:
+            local = Path(client.download_artifacts(champion.run_id, PLAN_ARTIFACT, tmp))
+            plan = json.loads((local / "merge_plan.json").read_text())
+            recipe = json.loads((local / "distill.json").read_text())
+        except (MlflowException, OSError, json.JSONDecodeError):
+            return None
+    return {"plan": plan, "recipe": recipe}

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -20,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmm.atomic import DmmError
+from dmm.hashing import folder_sha256
+from dmm.names import GATE_TAG, MERGE_KIND_TAG, PARENT_VERSION_TAG
+from dmm.names import STUDENT_SHA_TAG as SHA_TAG
 from mlflow import MlflowClient
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-SHA_TAG = "dmm.student_sha256"
 MODEL_ARTIFACT = "student_model"
 
 
@@ -47,17 +48,7 @@ def student_sha256(student_dir: Path) -> str:
     student_dir = Path(student_dir)
     if not (student_dir / "model_index.json").is_file():
         raise DmmError(f"not a student pipeline folder (no model_index.json): {student_dir}")
-    digest = hashlib.sha256()
-    for path in sorted(p for p in student_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(student_dir).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue  # leftovers of interrupted atomic writes are not part of the model
-        file_hash = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                file_hash.update(chunk)
-        digest.update(f"{rel}\0{file_hash.hexdigest()}\n".encode())
-    return digest.hexdigest()
+    return folder_sha256(student_dir)
 
 
 def student_styles(student_dir: Path) -> list[str]:
@@ -133,8 +124,8 @@ def register_student(
     version_tags = {
         **{k: str(v) for k, v in tags.items()},
         SHA_TAG: sha,
-        "dmm.merge_kind": merge_kind,
-        "dmm.parent_version": parent_version,
+        MERGE_KIND_TAG: merge_kind,
+        PARENT_VERSION_TAG: parent_version,
     }
     created_model = False
     try:
@@ -163,7 +154,7 @@ def register_student(
             client.delete_registered_model(model_name)
         raise
     version = str(existing.version)
-    client.set_model_version_tag(model_name, version, "dmm.gate", "passed" if passed else "failed")
+    client.set_model_version_tag(model_name, version, GATE_TAG, "passed" if passed else "failed")
 
     if passed:
         client.set_registered_model_alias(model_name, CHAMPION, version)

@@ -17,6 +17,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from dmm.atomic import DmmError, write_text_atomic
+from dmm.names import FEATURE_EXTRACTOR_TAG, RUN_FILE
 from mlflow import MlflowClient
 
 # MLflow rejects batches above 1000 metrics / 100 params per call.
@@ -60,11 +61,30 @@ def check_reachable(client: MlflowClient) -> None:
         ) from exc
 
 
+# MLflow 3 opens an experiment in its GenAI view unless it is marked as model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get("mlflow.experimentKind") is None:
+            for k, v in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(found.experiment_id, k, v)
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+
+
+def artifact_root_for(client: MlflowClient, repo_root: Path) -> str | None:
+    """The repository's artifact folder for its own sqlite store; a server decides its own."""
+    if client.tracking_uri.startswith("sqlite:"):
+        return default_artifact_root(repo_root)
+    return None
+
+
+def set_running(client: MlflowClient, run_id: str) -> None:
+    """Reopen a run that a crashed attempt of the same merge left (FAILED or killed)."""
+    client.update_run(run_id, status="RUNNING")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -149,7 +169,7 @@ def log_evaluation(client: MlflowClient, run_id: str, results: dict, report_dir:
     for i in range(0, len(metrics), METRIC_BATCH):
         client.log_batch(run_id, metrics=metrics[i : i + METRIC_BATCH])
     client.log_batch(
-        run_id, tags=[RunTag("dmm.feature_extractor", str(results["feature_extractor"]))]
+        run_id, tags=[RunTag(FEATURE_EXTRACTOR_TAG, str(results["feature_extractor"]))]
     )
     client.log_artifacts(run_id, str(report_dir), "evaluation")
 
@@ -171,9 +191,8 @@ def model_version_url(ui_url: str, name: str, version: str) -> str:
     return f"{ui_url.rstrip('/')}/#/models/{name}/versions/{version}"
 
 
-# The run of a merge, remembered next to the student so that evaluation and
-# registration (separate steps, maybe separate processes) log into the same run.
-RUN_FILE = "mlflow_run.json"
+# The run of a merge (RUN_FILE) is remembered next to the student, so that
+# training, evaluation and registration (separate processes) log into one run.
 
 
 def read_run_file(student_root: Path) -> dict | None:
@@ -199,7 +218,6 @@ def require_run(client: MlflowClient, student_root: Path) -> dict:
         or not run_exists(client, record["run_id"])
     ):
         raise DmmError(
-            f"no MLflow run of this merge in {client.tracking_uri}; "
-            "materialize merged_student first"
+            f"no MLflow run of this merge in {client.tracking_uri}; run the distill stage first"
         )
     return record

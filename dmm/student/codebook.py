@@ -10,7 +10,6 @@ its one-hot vector give bit-identical results.
 from __future__ import annotations
 
 import numbers
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from dmm.names import STYLE_NAME_RE
+
 # One style: a name, an index, a weight vector of length N, or {name: weight}.
 StyleSpec = str | int | Sequence[float] | torch.Tensor | Mapping[str, float]
 # A batch: one StyleSpec (shared by every sample), a list of StyleSpecs (one per
@@ -26,7 +27,6 @@ StyleSpec = str | int | Sequence[float] | torch.Tensor | Mapping[str, float]
 StyleBatchSpec = StyleSpec | Sequence[StyleSpec]
 
 # Names end up in file names, CLI arguments and metric keys: keep them boring.
-STYLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def validate_style_names(names: Any) -> list[str]:

@@ -23,12 +23,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from dmm.atomic import DmmError
+from dmm.names import STYLE_NAME_RE
 
 SourceKind = Literal["zoo", "diffusers", "single_file", "pickle", "hub"]
 
-# Same rule as dmm.student.codebook.STYLE_NAME_RE (a test keeps them equal): a
-# teacher name becomes a folder name, a Dagster partition key and a style name.
-TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A teacher name becomes a folder name, a Dagster partition key and a style name.
+TEACHER_NAME_RE = STYLE_NAME_RE
 HUB_RE = re.compile(r"^hub:(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)@(?P<rev>[\w./-]+)$")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dmm.atomic import DmmError, atomic_dir
+from dmm.hashing import unet_sha256
 from dmm.teachers.manifest import (
     TEACHER_NAME_RE,
     TeacherEntry,
@@ -436,6 +437,8 @@ def materialize_teacher(
             "kind": kind,
             "sha256": _sha256(tmp / facts["unet_file"]),
             "source_sha256": source_digest,
+            # The base it was validated against: its samples depend on it too.
+            "base_unet_sha256": unet_sha256(base_dir),
             "trained_text_encoder": bool(facts["trained_text_encoder"]),
             "path": str(out_dir),
             "unet_dtype": facts["unet_dtype"],

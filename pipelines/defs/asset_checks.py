@@ -4,9 +4,9 @@ import json
 
 import dagster as dg
 
-from pipelines import layout
+from dmm import layout
 from pipelines.defs.assets.models import EVALUATION_GATE, evaluation
-from pipelines.defs.config import GateRunConfig, validated
+from pipelines.defs.config import GateRunConfig, failure_from
 from pipelines.defs.metadata import md_table
 from pipelines.defs.resources import MlflowResource, ProjectResource
 
@@ -22,30 +22,18 @@ from pipelines.defs.resources import MlflowResource, ProjectResource
 def evaluation_gate(
     config: GateRunConfig, project: ProjectResource, mlflow: MlflowResource
 ) -> dg.AssetCheckResult:
-    from dmm.registry import tracking
-    from dmm.registry.gate import GateThresholds, check_gate
-    from dmm.registry.lineage import read_plan
+    from dmm.plan import read_plan
+    from dmm.registry.workflow import close_refused, judge
 
-    defaults = (project.section("registry") or {}).get("gate") or {}
-    thresholds = validated(GateThresholds, {**defaults, **config.overrides()}, [], "gate")
     results = json.loads(project.path(layout.EVALUATION).joinpath("evaluation.json").read_text())
-    # An incremental merge must also keep every old style as good as its parent had it.
-    plan = read_plan(project.path(layout.STUDENT))
-    previous = plan.parent_diag_fd if plan is not None and plan.kind == "incremental" else None
-    gate = check_gate(results, thresholds, previous)
-    # The merge's MLflow run records the verdict too, so a failed student is
-    # visible there although it never reaches the registry.
-    client = mlflow.client()
-    run = tracking.read_run_file(project.path(layout.STUDENT))
-    if run and tracking.run_exists(client, run["run_id"]):
-        tracking.set_tags(
-            client,
-            run["run_id"],
-            {
-                "dmm.gate": "passed" if gate.passed else "failed",
-                "dmm.gate_summary": gate.summary()[:4000],
-            },
-        )
+    try:
+        plan, _ = read_plan(project.root)
+        gate, thresholds = judge(project.root, plan, results, config.overrides())
+    except Exception as exc:  # noqa: BLE001  (a DmmError or an invalid threshold, as one line)
+        raise failure_from(exc, "gate") from exc
+    if not gate.passed:
+        # Nothing follows a refused student: its merge run ends here, verdict attached.
+        close_refused(project.root, mlflow.client(), gate.summary())
     table = md_table(
         ["criterion", "value", "threshold", "passed"],
         [(c.name, c.value, c.threshold, "yes" if c.passed else "**no**") for c in gate.criteria],
@@ -56,6 +44,6 @@ def evaluation_gate(
         metadata={
             "criteria": dg.MetadataValue.md(table),
             "thresholds": dg.MetadataValue.json(thresholds.model_dump()),
-            "fid_t_ratio": float(results["fid_t_ratio"]),
+            "fid_t_ratio": round(float(results["fid_t_ratio"]), 3),
         },
     )

@@ -1,60 +1,79 @@
-"""Run configuration: Dagster ``Config`` classes whose contents dmm's pydantic models validate.
+"""Run configuration: typed Dagster ``Config`` fields generated from dmm's stage configs.
 
-Overrides use the CLI's ``--set key=value`` syntax, so what works on the command
-line (``dmm distill --set steps=100``) works in the launchpad
-(``overrides: ["steps=100"]``), and one model (DistillConfig, EvaluateConfig,
-GateThresholds, RegistryConfig) decides what is valid.
+The launchpad shows one optional field per scalar setting of ``DistillConfig``
+and ``EvaluateConfig`` (with their descriptions); a field left unset keeps
+params.yaml's value. What is set becomes the merge request
+(``data/plan/request.json``) that the plan and the DVC stages read, so a
+Dagster run and ``dvc repro`` train exactly the same thing.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model
 
-from dmm.config import deep_merge, parse_overrides
-from pipelines import layout
+from dmm.distill.config import DistillConfig
+from dmm.evaluation.config import EvaluateConfig
+
+_SCALARS = (int, float, bool, str)
+# Set by the plan from the manifest and the project layout, never by a run.
+_PLANNED = {
+    "base", "teachers", "output_dir", "init_from", "retire", "replace", "resume", "progress",
+    "log_with", "student", "baselines", "prompts", "classifier", "cache_dir", "distill_dir",
+    "inception_weights",
+}  # fmt: skip
 
 
-def validated(model: type, base: dict[str, Any], overrides: list[str], what: str):
-    """``model(**(base <- overrides))``, or a Failure listing every invalid field."""
-    try:
-        return model(**deep_merge(base, parse_overrides(overrides)))
-    except ValidationError as exc:
-        parts = [
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
-        ]
-        raise dg.Failure(description=f"invalid {what} config: {'; '.join(parts)}") from exc
-    except ValueError as exc:
-        raise dg.Failure(description=f"invalid {what} override: {exc}") from exc
+def _launchpad_type(annotation: Any) -> type | None:
+    """The launchpad type of a config field: its scalar type, or None when it has none."""
+    if annotation in _SCALARS:
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        values = typing.get_args(annotation)
+        kinds = {type(v) for v in values}
+        return kinds.pop() if len(kinds) == 1 and kinds <= set(_SCALARS) else None
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _launchpad_type(inner[0]) if len(inner) == 1 else None
+    return None
+
+
+def settings_config(model: type[BaseModel], name: str) -> type[dg.Config]:
+    """A Dagster Config with one optional field per scalar field of ``model``."""
+    fields: dict[str, Any] = {}
+    for key, info in model.model_fields.items():
+        kind = _launchpad_type(info.annotation)
+        if key in _PLANNED or kind is None:
+            continue
+        default = info.default if not callable(info.default_factory) else None
+        hint = f" (params.yaml, else {default!r})" if default is not None else ""
+        fields[key] = (kind | None, Field(None, description=(info.description or key) + hint))
+    return create_model(name, __base__=dg.Config, **fields)
+
+
+DistillSettings = settings_config(DistillConfig, "DistillSettings")
+EvaluateSettings = settings_config(EvaluateConfig, "EvaluateSettings")
+
+
+def set_fields(settings: dg.Config) -> dict[str, Any]:
+    return {k: v for k, v in settings.model_dump().items() if v is not None}
 
 
 class DistillRunConfig(dg.Config):
-    overrides: list[str] = Field(
-        default_factory=list,
-        description='DistillConfig overrides, as `dmm distill --set`: e.g. ["steps=100"]',
-    )
-    force: bool = Field(False, description="distill even if an identical student exists")
-    full_merge: bool = Field(
-        False,
-        description="merge every teacher from the base, even where an incremental merge "
-        "from the champion would do (params.yaml registry.merge sets the default)",
-    )
-    preview_steps: int = Field(20, ge=1, description="sampler steps of the preview grid")
-
-
-class BaselinesRunConfig(dg.Config):
-    methods: list[str] = Field(default_factory=lambda: list(layout.BASELINE_METHODS))
-    force: bool = Field(False, description="merge even if an identical baseline exists")
+    force: bool = Field(False, description="distill even if DVC holds this exact student")
 
 
 class EvaluateRunConfig(dg.Config):
-    overrides: list[str] = Field(
-        default_factory=list,
-        description='EvaluateConfig overrides, as `dmm evaluate --set`: e.g. ["images_per_style=256"]',
-    )
-    force: bool = Field(False, description="evaluate even if this student was evaluated as is")
+    force: bool = Field(False, description="evaluate even if DVC holds this exact evaluation")
+
+
+class BaselinesRunConfig(dg.Config):
+    force: bool = Field(False, description="merge even if DVC holds these exact baselines")
 
 
 class GateRunConfig(dg.Config):
@@ -69,8 +88,9 @@ class GateRunConfig(dg.Config):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-class RegisterRunConfig(dg.Config):
-    overrides: list[str] = Field(
-        default_factory=list,
-        description='RegistryConfig overrides: e.g. ["model_name=my-student"]',
-    )
+def failure_from(exc: Exception, what: str) -> dg.Failure:
+    """A one-line Failure for a dmm error or an invalid config."""
+    if isinstance(exc, ValidationError):
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return dg.Failure(description=f"invalid {what} config: {'; '.join(parts)}")
+    return dg.Failure(description=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

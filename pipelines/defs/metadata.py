@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,40 +36,46 @@ def dvc_metadata(hashes: Mapping[str, str]) -> dict[str, dg.MetadataValue]:
     return {f"dvc_md5 {path}": dg.MetadataValue.text(md5) for path, md5 in hashes.items()}
 
 
-def fingerprint(payload: Any) -> str:
-    """sha256 of a JSON-able description of everything an output depends on."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def student_metadata(root: Path, plan, losses: list[dict], ui_url: str) -> dict[str, Any]:
+    """What merged_student shows: the plan, the last losses, the preview and the MLflow run."""
+    from dmm import layout
+    from dmm.registry.tracking import read_metrics_jsonl, read_run_file, run_url
 
-
-def unet_sha256(pipeline_dir: Path) -> str:
-    """sha256 of a pipeline folder's UNet weight file(s), without importing torch."""
-    digest = hashlib.sha256()
-    for path in sorted((Path(pipeline_dir) / "unet").glob("*.safetensors")):
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def dmm_source(repo_root: Path, subpackage: str) -> Path:
-    """The source of ``dmm.<subpackage>`` in the checkout (as DVC's deps see it), else as installed."""
-    in_checkout = Path(repo_root) / "dmm" / subpackage
-    if in_checkout.is_dir():
-        return in_checkout
-    import dmm
-
-    return Path(dmm.__file__).parent / subpackage
-
-
-def source_hash(*folders: Path) -> str:
-    """sha256 of the .py files under ``folders``: a code change invalidates memoized outputs."""
-    digest = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    root = Path(root)
+    losses = losses or read_metrics_jsonl(root / layout.STUDENT / "metrics.jsonl")
+    last = losses[-1] if losses else {}
+    rows = [(k, round(v, 4)) for k, v in last.items() if k.startswith(("loss/", "loss_score/"))]
+    meta: dict[str, Any] = {
+        "path": dg.MetadataValue.path(str(root / layout.STUDENT / "student")),
+        "merge": dg.MetadataValue.md(
+            md_table(
+                ["kind", "reason", "parent", "styles", "trained"],
+                [
+                    (
+                        plan.kind,
+                        plan.reason,
+                        plan.parent_version or "-",
+                        ", ".join(plan.styles),
+                        ", ".join(plan.trained) or "-",
+                    )
+                ],
+            )
+        ),  # fmt: skip
+        "merge_kind": plan.merge_kind,
+        "fingerprint": plan.fingerprint[:16],
+        "final_losses": dg.MetadataValue.md(
+            md_table(["loss", f"step {last.get('step', '?')}"], rows)
+        ),
+    }
+    preview = root / layout.PREVIEW / "grid.png"
+    if preview.is_file():
+        meta["preview"] = png_preview(preview, f"one row per style: {', '.join(plan.styles)}")
+    run = read_run_file(root / layout.STUDENT)
+    if run:
+        meta["mlflow_run"] = dg.MetadataValue.url(
+            run_url(ui_url, run["experiment_id"], run["run_id"])
+        )
+    return meta
 
 
 def fid_table(results: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,8 @@ import dagster as dg
 import yaml
 from pydantic import Field
 
-from pipelines import layout
+from dmm import layout
+from pipelines.defs.config import DistillSettings, EvaluateSettings, set_fields
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -116,6 +118,26 @@ class ProjectResource(dg.ConfigurableResource):
 
         return manifest_sha256(self.path(layout.MANIFEST))
 
+    def write_request(self, request) -> None:
+        """The merge request the plan stage reads (rewritten only when it changes)."""
+        from dmm.atomic import write_text_atomic
+
+        path = self.path(layout.REQUEST)
+        text = request.model_dump_json(indent=2) + "\n"
+        if not (path.is_file() and path.read_text() == text):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, text)
+
+    def plan(self, client):
+        """The merge plan, computed in this process (dmm.plan: no torch)."""
+        from dmm.atomic import DmmError
+        from dmm.plan import make_plan
+
+        try:
+            return make_plan(self.root, client)
+        except DmmError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+
     def run(
         self, context: dg.AssetExecutionContext, cmd: Sequence[str], what: str
     ) -> subprocess.CompletedProcess:
@@ -181,16 +203,48 @@ class DvcResource(dg.ConfigurableResource):
                 )
         return name, url
 
-    def repro(self, context: dg.AssetExecutionContext, stages: Sequence[str]) -> None:
+    def repro(
+        self, context: dg.AssetExecutionContext, stages: Sequence[str], force: bool = False
+    ) -> None:
         """Reproduce ``stages`` (DVC skips those up to date) and push their outputs."""
         if self.push:
             self.default_remote()  # before any work, so a bad remote changes nothing
         with self._locked():
+            if force:
+                self._force(context, stages)
             self.project.run(context, ["dvc", "repro", *stages], f"dvc repro {' '.join(stages)}")
-            if self.push:
-                self.project.run(
-                    context, ["dvc", "push", "--quiet", *stages], f"dvc push {' '.join(stages)}"
-                )
+            self._push(context, stages)
+
+    def _force(self, context: dg.AssetExecutionContext, stages: Sequence[str]) -> None:
+        cmd = ["dvc", "repro", "--force", "--single-item", *stages]
+        self.project.run(context, cmd, " ".join(cmd))
+
+    def _push(self, context: dg.AssetExecutionContext, stages: Sequence[str]) -> None:
+        if self.push:
+            cmd = ["dvc", "push", "--quiet", *stages]
+            self.project.run(context, cmd, f"dvc push {' '.join(stages)}")
+
+    def repro_with_pipes(
+        self,
+        context: dg.AssetExecutionContext,
+        stages: Sequence[str],
+        client: dg.PipesSubprocessClient,
+        env: dict[str, str],
+        force: Sequence[str] = (),
+    ):
+        """``dvc repro`` whose stage commands report through Dagster Pipes (distillation)."""
+        if self.push:
+            self.default_remote()
+        with self._locked():
+            cmd = ["dvc", "repro", "--force", "--single-item", *force] if force else None
+            for command in ([cmd] if cmd else []) + [["dvc", "repro", *stages]]:
+                context.log.info("$ %s", " ".join(command))
+                invocation = client.run(
+                    context=context, command=command, cwd=str(self.project.root),
+                    env={**tool_env(), **env},
+                )  # fmt: skip
+            self._push(context, stages)
+        return invocation
 
     def lock(self) -> dict[str, Any]:
         path = self.project.path(layout.DVC_LOCK)
@@ -232,13 +286,51 @@ class MlflowResource(dg.ConfigurableResource):
             raise dg.Failure(description=str(exc)) from exc
         return client
 
-    def experiment_id(self, client, name: str) -> str:
-        from dmm.registry.tracking import default_artifact_root, ensure_experiment
+    def env(self) -> dict[str, str]:
+        """For the DVC stages this resource launches: the same tracking store."""
+        return {"MLFLOW_TRACKING_URI": self.uri()}
 
-        artifacts = None
-        if self.uri().startswith("sqlite:"):
-            artifacts = default_artifact_root(self.project.root)
-        return ensure_experiment(client, name, artifacts)
+    def run_url(self, run: dict) -> str:
+        from dmm.registry.tracking import run_url
+
+        return run_url(self.ui_url, run["experiment_id"], run["run_id"])
+
+    def model_version_url(self, name: str, version: str) -> str:
+        from dmm.registry.tracking import model_version_url
+
+        return model_version_url(self.ui_url, name, version)
+
+
+class MergeRequestResource(dg.ConfigurableResource):
+    """What one run asks of the merge beyond params.yaml, set in the launchpad per run.
+
+    One resource, read by both merged_student and evaluation, so a run writes one
+    consistent request (data/plan/request.json) for the plan and the DVC stages.
+    """
+
+    distill: DistillSettings = Field(  # type: ignore[valid-type]
+        default_factory=DistillSettings,
+        description="DistillConfig settings; unset ones come from params.yaml",
+    )
+    evaluate: EvaluateSettings = Field(  # type: ignore[valid-type]
+        default_factory=EvaluateSettings,
+        description="EvaluateConfig settings; unset ones come from params.yaml",
+    )
+    full_merge: bool = Field(
+        False,
+        description="merge every teacher from the base, even where an incremental merge "
+        "from the champion would do (params.yaml registry.merge sets the default)",
+    )
+
+    def request(self, compute: ComputeResource):
+        from dmm.plan import MergeRequest
+
+        distill = {**set_fields(self.distill)}
+        if compute.mixed_precision != "no":
+            distill["mixed_precision"] = compute.mixed_precision
+        return MergeRequest(
+            full_merge=self.full_merge, distill=distill, evaluate=set_fields(self.evaluate)
+        )
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -255,23 +347,33 @@ class ComputeResource(dg.ConfigurableResource):
         "it then decides processes and precision",
     )
 
-    def launch_command(self, module: str, args: Sequence[str]) -> list[str]:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    def launch_args(self) -> list[str]:
+        """``accelerate launch`` arguments; none for one process on this machine (runs in place)."""
         if self.accelerate_config:
-            cmd += ["--config_file", self.accelerate_config]
-        else:
-            cmd += [
+            args = ["--config_file", self.accelerate_config]
+        elif self.num_processes > 1 or self.device == "cpu":
+            args = [
                 "--num_processes", str(self.num_processes),
                 "--num_machines", "1",
                 "--mixed_precision", self.mixed_precision,
                 "--dynamo_backend", "no",
             ]  # fmt: skip
+            if self.num_processes > 1:
+                args.append("--multi_gpu")
             if self.device == "cpu":
-                cmd.append("--cpu")
+                args.append("--cpu")
+        else:
+            return []
         # Without this flag `accelerate launch` sets OMP_NUM_THREADS=1 on a machine
         # with no GPU (unless --cpu), and CPU distillation ran at half speed on 2 cores.
-        cmd += ["--num_cpu_threads_per_process", str(self.cpu_threads())]
-        return [*cmd, "-m", module, *args]
+        return [*args, "--num_cpu_threads_per_process", str(self.cpu_threads())]
+
+    def env(self) -> dict[str, str]:
+        """What the distill stage reads to launch itself (dmm.workflow_cli.LAUNCH_ENV)."""
+        from dmm.workflow_cli import LAUNCH_ENV
+
+        args = self.launch_args()
+        return {LAUNCH_ENV: shlex.join(args)} if args else {}
 
     def cpu_threads(self) -> int:
         """OMP_NUM_THREADS if set, else this machine's cores shared among the processes."""

@@ -11,7 +11,7 @@ from pipelines.defs.partitions import TEACHER_PARTITIONS, range_tags
     cron_schedule="0 3 * * *",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="03:00 UTC: DVC skips unchanged data, the student and evaluation are memoized, "
+    description="03:00 UTC: DVC skips every unchanged stage (the student and its evaluation too), "
     "so a night without changes only re-verifies.",
 )
 def nightly(context: dg.ScheduleEvaluationContext):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipelines import layout
+from dmm import layout
 from pipelines.defs.metadata import dvc_metadata, md_table
 from pipelines.defs.partitions import SINGLE_RUN, TEACHER_PARTITIONS, sync_partitions
 from pipelines.defs.resources import DvcResource, ProjectResource
