@@ -256,9 +256,10 @@ def generate_cmd(
         list[str] | None,
         typer.Argument(help="One or more prompts (with --grid, default: the preview prompts)."),
     ] = None,
-    student: Annotated[Path, typer.Option(help="Student pipeline folder.")] = Path(
-        "data/student/student"
-    ),
+    student: Annotated[
+        Path,
+        typer.Option(help="Student pipeline folder (default: the champion's working copy)."),
+    ] = Path("data/champion"),
     style: Annotated[
         list[str] | None,
         typer.Option(

@@ -20,7 +20,11 @@ DISTILL_PLAN = "data/plan/distill.json"  # the resolved DistillConfig (the disti
 EVALUATE_PLAN = "data/plan/evaluate.json"  # the resolved EvaluateConfig
 # What an orchestrator run asks beyond params.yaml (git-tracked; `{}` for the CLI).
 REQUEST = "data/plan/request.json"
+# The candidate of the latest merge (the distill stage's output); evaluated, then registered.
 STUDENT = "data/student"
+# The working copy of the registry's `champion`: what `dmm generate` loads by default.
+# It changes only when `champion` moves, never for a refused candidate.
+CHAMPION = "data/champion"
 # Previous champions downloaded from the registry, parents of incremental merges.
 PARENTS = "data/parents"
 BASELINES = "data/baselines"

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from dmm import layout
+from dmm import layout, names
 
 ROOT = Path(os.environ.get("DMM_REPO_ROOT", Path(__file__).resolve().parents[1]))
 
@@ -29,7 +29,7 @@ def partition_range() -> str:
 def summary() -> str:
     from dmm.registry.tracking import default_artifact_root, default_tracking_uri
 
-    registered = ROOT / layout.STUDENT / "registered.json"
+    registered = ROOT / layout.STUDENT / names.REGISTERED_FILE
     model = json.loads(registered.read_text()) if registered.is_file() else None
     evaluation = ROOT / layout.EVALUATION / "evaluation.json"
     ratio = json.loads(evaluation.read_text())["fid_t_ratio"] if evaluation.is_file() else None
@@ -37,7 +37,8 @@ def summary() -> str:
     lines = [
         "",
         f"Teachers:  {layout.TEACHERS}/<name> (manifest {layout.MANIFEST})",
-        f"Student:   {layout.STUDENT}/student (a diffusers DMMStudentPipeline folder)",
+        f"Student:   {layout.CHAMPION} (the champion; this merge's candidate: "
+        f"{layout.STUDENT}/student)",
         f"Preview:   {layout.PREVIEW}/grid.png (one row per style)",
         f"Report:    {layout.EVALUATION}/report.html"
         + (f" (FD_t ratio {ratio:.3f})" if ratio is not None else ""),

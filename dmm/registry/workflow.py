@@ -22,6 +22,7 @@ import yaml
 from dmm import layout, names
 from dmm.atomic import DmmError, write_text_atomic
 from dmm.hashing import folder_sha256
+from dmm.registry.register import CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -249,4 +250,25 @@ def register_merge(
     tracking.finish_run(client, run["run_id"])
     record = {"name": registered.name, "version": registered.version, "alias": registered.alias}
     write_text_atomic(root / layout.STUDENT / names.REGISTERED_FILE, json.dumps(record, indent=2))
+    if registered.alias == CHAMPION:
+        promote(root, student, registered.student_sha256, record)
     return registered, passed, summary
+
+
+def promote(root: Path, student: Path, sha: str, record: dict) -> Path:
+    """Make ``student`` the champion's working copy (data/champion), atomically."""
+    import shutil
+
+    from dmm.atomic import atomic_dir
+
+    target = Path(root) / layout.CHAMPION
+    current = target / names.REGISTERED_FILE
+    if current.is_file() and json.loads(current.read_text()).get("student_sha256") == sha:
+        return target
+    with atomic_dir(target) as tmp:
+        shutil.copytree(student, tmp, dirs_exist_ok=True)
+        (tmp / names.REGISTERED_FILE).write_text(
+            json.dumps({**record, "student_sha256": sha}, indent=2)
+        )
+    log.info("champion v%s is now the working copy at %s", record["version"], target)
+    return target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shlex
 import subprocess
@@ -123,7 +124,8 @@ class ProjectResource(dg.ConfigurableResource):
         from dmm.atomic import write_text_atomic
 
         path = self.path(layout.REQUEST)
-        text = request.model_dump_json(indent=2) + "\n"
+        # Only what differs from params.yaml: a run that asks nothing writes `{}`.
+        text = json.dumps(request.model_dump(exclude_defaults=True), indent=2) + "\n"
         if not (path.is_file() and path.read_text() == text):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, text)
