@@ -811,13 +811,21 @@ def test_block_layout_of_sd15_in_both_namings():
 
 
 def test_block_layout_of_the_zoo_unet_covers_every_block():
+    from dmm.student.export import unet_ldm_key_map
     from dmm.zoo.models import make_unet
 
-    keys = list(make_unet(8).state_dict())
+    unet = make_unet(8)
+    keys = list(unet.state_dict())
     layout = detect_layout(keys)
     # 3 levels, 1 layer each: conv_in + 3 x (resnet) + 2 downsamplers; 3 x 2 up.
     assert (layout.n_in, layout.n_out) == (6, 6)
     assert {layout.block_of(k) for k in keys} == set(layout.names)
+    # Every key lands in the block of its LDM name (the exporter's own key map).
+    ldm = unet_ldm_key_map(keys, unet.config)
+    ldm_layout = detect_layout(ldm.values())
+    assert (ldm_layout.n_in, ldm_layout.n_out) == (6, 6)
+    for key in keys:
+        assert layout.block_of(key) == ldm_layout.block_of(ldm[key]), (key, ldm[key])
 
 
 def test_block_strength_scales_the_merge_against_the_base():
