@@ -106,9 +106,9 @@ def build_mini(work: Path):
         teachers=[{"name": s, "path": p} for s, p in teachers.items()],
         prompts=work / "prompts/eval.jsonl",
         classifier=zoo / manifest["classifier"],
-        images_per_style=8,
-        steps=4,
-        batch_size=32,
+        images_per_style=128,  # the least stylenet FD accepts
+        steps=2,
+        batch_size=128,
     )
     return zoo / "base", cfg
 

@@ -92,8 +92,10 @@ def test_ip_adapter_loads_changes_the_output_and_style_still_counts(pipe, tmp_pa
     adapter_effect = (ink - before).abs().max().item()
     style_effect = (neon - ink).abs().max().item()
     off_effect = (ink_off - before).abs().max().item()
+    means = [(a - b).abs().mean().item() for a, b in ((ink, before), (neon, ink))]
     print(
-        f"IP-Adapter: adapter {adapter_effect:.4f}, style {style_effect:.4f}, off {off_effect:.2e}"
+        f"IP-Adapter max|mean abs pixel change: adapter {adapter_effect:.4f}|{means[0]:.4f}, "
+        f"style {style_effect:.4f}|{means[1]:.4f}, scale 0 vs no adapter {off_effect:.2e}"
     )
     assert adapter_effect > 1e-2  # the adapter changes the image
     assert style_effect > 1e-2  # style= still changes it with the adapter on

@@ -124,3 +124,14 @@ def test_imported_student_is_the_parent_of_an_incremental_merge(distill_data, im
     assert lineage["old_styles"] == ["style0", "style1", "style2"]
     rec = json.loads((tmp_path / "inc" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 2 and "loss_score/previous-student:style1" in rec
+
+
+def test_import_command_module_loads_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, dmm.student.official; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

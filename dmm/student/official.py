@@ -130,7 +130,7 @@ def official_student(folder: Path | str, style_names: Sequence[str] | None = Non
         raise DmmError(f"{folder}: UNet weights do not fit its config: {first}") from exc
     with torch.no_grad():
         student.style_codebook.vectors.copy_(table.float())
-    return student.float()
+    return student
 
 
 # Libraries a component may name in model_index.json: importing whatever module a
