@@ -275,6 +275,13 @@ def generate_cmd(
         bool, typer.Option(help="One PNG: a row per style (all styles if none given).")
     ] = False,
     scale: Annotated[int, typer.Option(help="Upscale factor for the grid preview.")] = 3,
+    region: Annotated[
+        list[str] | None,
+        typer.Option(help="X0,Y0,X1,Y1=STYLE: a box in pixels and its style. Repeatable."),
+    ] = None,
+    size: Annotated[
+        str | None, typer.Option(help="WIDTHxHEIGHT of a --region image. Default: native.")
+    ] = None,
 ) -> None:
     """Generate PNGs from a student with style=; --grid writes one row per style."""
     from dmm import layout
@@ -283,6 +290,17 @@ def generate_cmd(
     if not prompt and not grid:
         raise DmmError("give at least one prompt")
     _quiet_libraries()
+    if region:
+        from dmm.student.regional import generate_regional
+
+        if style or grid:
+            raise DmmError("--region sets the styles: do not combine it with --style or --grid")
+        for path in generate_regional(
+            student, list(prompt), list(region), out, size=size, seed=seed, steps=steps,
+            guidance_scale=guidance_scale,
+        ):  # fmt: skip
+            typer.echo(str(path))
+        return
     from dmm.student.generate import generate_images, parse_style
 
     result = generate_images(
@@ -459,6 +477,9 @@ app.add_typer(teachers_app, name="teachers")
 from dmm.student.cli import export_command  # noqa: E402
 
 app.command("export")(export_command)
+from dmm.student.official import import_dmm_command  # noqa: E402  (torch loads on use)
+
+app.command("import-dmm")(import_dmm_command)
 from dmm.workflow_cli import baselines_command, plan_command, register_command  # noqa: E402
 
 app.command("plan")(one_line_errors(plan_command))

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import dmm
 from dmm.atomic import DmmError
 from dmm.merge import methods as M
+from dmm.merge.blocks import block_strengths, detect_layout
 from dmm.merge.cli import merge_app, merge_command
 from dmm.merge.config import METHOD_NAMES, METHOD_PARAMS, MergeConfig
 from dmm.merge.stream import (
@@ -601,6 +602,13 @@ def sd15(tmp_path_factory) -> tuple[Path, list[Path], Path]:
         if n <= 120_000 and used + n <= 400_000 and len(shapes) < 60:
             shapes[key] = meta["shape"]
             used += n
+    # The smallest tensor of every MBW block too, so that the block layout is SD1.5's.
+    wanted = [f".input_blocks.{i}." for i in range(12)] + [".middle_block."]
+    wanted += [f".output_blocks.{i}." for i in range(12)]
+    for key, meta in sorted(comps["diffuser"].items(), key=lambda kv: math.prod(kv[1]["shape"])):
+        part = next((w for w in wanted if w in key), None)
+        if part is not None and not any(part in k for k in shapes):
+            shapes[key] = meta["shape"]
     for comp in ("clip_l", "vae"):
         small = [k for k, m in sorted(comps[comp].items()) if math.prod(m["shape"]) <= 1024]
         shapes.update({k: comps[comp][k]["shape"] for k in small[:6]})
@@ -756,3 +764,173 @@ def test_mecha_component_matches_only_prefix(sd15):
     with pytest.raises(MergeError, match="takes no teacher weights"):
         merge_files_mecha(base, teachers, d / "x.safetensors", "ties", weights=[1, 2, 3])
     assert not (d / "x.safetensors").exists()
+
+
+# --- block weights (MBW) -------------------------------------------------------
+
+# The SD1.5 diffusers UNet key -> LDM block, from the LDM layout (input_blocks.N.0 =
+# resnet, .1 = attention, downsamplers at 3/6/9; output_blocks.N.2 or .1 = upsampler).
+SD15_DIFFUSERS_BLOCKS = {
+    "conv_in.weight": "IN00",
+    "time_embedding.linear_1.weight": "BASE",
+    "down_blocks.0.resnets.0.conv1.weight": "IN01",
+    "down_blocks.0.attentions.1.proj_in.weight": "IN02",
+    "down_blocks.0.downsamplers.0.conv.weight": "IN03",
+    "down_blocks.1.attentions.0.proj_out.bias": "IN04",
+    "down_blocks.2.downsamplers.0.conv.bias": "IN09",
+    "down_blocks.3.resnets.1.conv2.weight": "IN11",
+    "mid_block.attentions.0.norm.weight": "M00",
+    "up_blocks.0.resnets.2.conv1.weight": "OUT02",
+    "up_blocks.0.upsamplers.0.conv.weight": "OUT02",
+    "up_blocks.1.attentions.0.proj_in.weight": "OUT03",
+    "up_blocks.2.upsamplers.0.conv.weight": "OUT08",
+    "up_blocks.3.attentions.2.proj_out.weight": "OUT11",
+    "conv_out.weight": "OUT11",
+}
+
+
+def test_block_layout_of_sd15_in_both_namings():
+    hf = detect_layout(SD15_DIFFUSERS_BLOCKS)
+    assert (hf.n_in, hf.n_out, hf.ldm, hf.layers) == (12, 12, False, 2)
+    assert len(hf.names) == 26 and hf.names[:2] == ["BASE", "IN00"] and hf.names[13] == "M00"
+    for key, block in SD15_DIFFUSERS_BLOCKS.items():
+        assert hf.block_of(key) == block, key
+    ldm = {
+        "model.diffusion_model.time_embed.0.weight": "BASE",
+        "model.diffusion_model.input_blocks.0.0.weight": "IN00",
+        "model.diffusion_model.input_blocks.11.0.in_layers.0.bias": "IN11",
+        "model.diffusion_model.middle_block.1.norm.bias": "M00",
+        "model.diffusion_model.output_blocks.2.1.conv.weight": "OUT02",
+        "model.diffusion_model.output_blocks.11.1.proj_out.bias": "OUT11",
+        "model.diffusion_model.out.2.weight": "OUT11",
+        "cond_stage_model.transformer.text_model.final_layer_norm.bias": "BASE",
+    }
+    layout = detect_layout(ldm)
+    assert (layout.n_in, layout.n_out, layout.ldm) == (12, 12, True)
+    assert {k: layout.block_of(k) for k in ldm} == ldm
+
+
+def test_block_layout_of_the_zoo_unet_covers_every_block():
+    from dmm.student.export import unet_ldm_key_map
+    from dmm.zoo.models import make_unet
+
+    unet = make_unet(8)
+    keys = list(unet.state_dict())
+    layout = detect_layout(keys)
+    # 3 levels, 1 layer each: conv_in + 3 x (resnet) + 2 downsamplers; 3 x 2 up.
+    assert (layout.n_in, layout.n_out) == (6, 6)
+    assert {layout.block_of(k) for k in keys} == set(layout.names)
+    # Every key lands in the block of its LDM name (the exporter's own key map).
+    ldm = unet_ldm_key_map(keys, unet.config)
+    ldm_layout = detect_layout(ldm.values())
+    assert (ldm_layout.n_in, ldm_layout.n_out) == (6, 6)
+    for key in keys:
+        assert layout.block_of(key) == ldm_layout.block_of(ldm[key]), (key, ldm[key])
+
+
+def test_block_strength_scales_the_merge_against_the_base():
+    half = merge("weighted", strength=0.5)
+    torch.testing.assert_close(half, (BASE + merge("weighted")) / 2)
+    for method in ("task_arithmetic", "ties", "dare_linear"):
+        assert torch.equal(merge(method, strength=0.0), BASE), method
+        torch.testing.assert_close(merge(method, strength=0.5, lam=0.8), merge(method, lam=0.4))
+    with pytest.raises(ValueError, match="must be finite"):
+        merge("ties", strength=math.nan)
+
+
+def test_block_weights_of_the_wrong_length_are_one_line_errors(tiny_zoo, tmp_path):
+    zoo, teachers = tiny_zoo
+    out = tmp_path / "m"
+    with pytest.raises(DmmError, match=r"got 3 values, but this UNet has 13 blocks") as info:
+        merge_unets(zoo / "base", teachers, out, "ties", block_weights=[1, 1, 1])
+    assert "\n" not in str(info.value) and not out.exists()
+    r = _cli(["--method", "weighted", "--zoo", zoo, "--out", out, "--block-weights", "1,2"])
+    assert r.exit_code == 2 and "give 13, or 14 with BASE first" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(ValidationError, match="finite"):
+        MergeConfig(method="ties", block_weights=[math.nan] * 13)
+    with pytest.raises(DmmError, match="need a UNet"):
+        block_strengths([1.0], ["a.weight"])
+
+
+def test_block_weights_merge_per_block_and_are_recorded(tiny_zoo, tmp_path):
+    zoo, teachers = tiny_zoo
+    bw = [0.0] * 7 + [1.0] * 7  # BASE + IN00..IN05 at 0, M00 + OUT00..OUT05 at 1
+    merge_unets(zoo / "base", teachers, tmp_path / "mbw", "task_arithmetic", block_weights=bw)
+    merge_unets(zoo / "base", teachers, tmp_path / "plain", "task_arithmetic")
+    rec = json.loads((tmp_path / "mbw" / "merge.json").read_text())
+    assert rec["block_weights"]["BASE"] == 0.0 and rec["block_weights"]["M00"] == 1.0
+    assert (
+        read_merge_metadata(tmp_path / "mbw" / UNET_WEIGHTS)["block_weights"]
+        == (rec["block_weights"])
+    )
+    assert json.loads((tmp_path / "plain" / "merge.json").read_text())["block_weights"] is None
+    mbw, plain = (load_file(tmp_path / d / UNET_WEIGHTS) for d in ("mbw", "plain"))
+    base = load_file(zoo / "base" / UNET_WEIGHTS)
+    layout = detect_layout(base)
+    for key in base:
+        early = layout.names.index(layout.block_of(key)) < 7
+        assert torch.equal(mbw[key], base[key] if early else plain[key]), key
+    assert not torch.equal(plain["conv_in.weight"], base["conv_in.weight"])
+
+
+def test_nan_teacher_is_refused_naming_it_and_writes_nothing(files, tmp_path):
+    base, teachers = files
+    bad = load_file(teachers[1])
+    bad["a.bias"][3] = math.nan
+    save_file(bad, tmp_path / "nan.safetensors")
+    bad["a.bias"][3] = math.inf
+    save_file(bad, tmp_path / "inf.safetensors")
+    out = tmp_path / "o.safetensors"
+    for name in ("nan", "inf"):
+        for method in ("weighted", "ties"):
+            ts = [teachers[0], tmp_path / f"{name}.safetensors"]
+            with pytest.raises(MergeError, match=f"teacher .*{name}.safetensors has NaN/inf"):
+                merge_files(base, ts, out, method)
+            assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name[0] == "."]
+    args = ["--method", "ties", "--base", base, "--teacher", tmp_path / "nan.safetensors"]
+    r = _cli([*args, "--out", out])
+    assert r.exit_code == 2 and "nan.safetensors has NaN/inf values in 'a.bias'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_progress_counts_the_merged_keys(files, tmp_path):
+    base, teachers = files
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    summary = merge_files(base, teachers, tmp_path / "o.safetensors", "ties", progress=Bar)
+    (bar,) = bars
+    assert bar.total == bar.n == summary["merged"] and bar.closed
+
+
+@needs_mecha
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("weighted", {"weights": [1, 2, 3]}),
+        ("task_arithmetic", {"lam": 0.7}),
+        ("ties", {"k": 1.0, "lam": 0.9}),
+    ],
+)
+def test_mecha_matches_block_weighted_merges(sd15, method, params):
+    # 26 distinct weights (BASE first), so a block mapped to the wrong weight shows.
+    bw = [0.1 + 0.035 * i for i in range(26)]
+    ours, mecha, info = _both(sd15, method, block_weights=bw, **params)
+    plain, _, _ = _both(sd15, method, **params)
+    assert info["record"]["block_weights"]["OUT11"] == pytest.approx(bw[-1])
+    changed = 0
+    for key in ours:
+        _close(ours[key], mecha[key])
+        changed += not torch.equal(ours[key], plain[key])
+    assert changed > 60

@@ -29,11 +29,18 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _parse_weights(text: str) -> list[float]:
+def _parse_numbers(text: str, option: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--weights must be comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (logs, CI), so errors stay one line.
+    return tqdm(total=total, unit="key", desc="merge", leave=False, disable=None)
 
 
 def _resolve_inputs(
@@ -107,6 +114,13 @@ def merge_command(
             "copy the rest from the base."
         ),
     ] = None,
+    block_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated merge strength per UNet block (MBW): IN00..,M00,OUT.. "
+            "(25 for SD1.5), optionally BASE first. 0 keeps the base's block. Default: 1.",
+        ),
+    ] = None,
 ) -> None:
     """Merge teachers into one model with a static method (UNet only for pipelines)."""
     from pydantic import ValidationError
@@ -115,7 +129,18 @@ def merge_command(
 
     try:
         summary = _run(
-            method.value, out, base, teacher or [], zoo, weights, lam, k, p, seed, only_prefix
+            method.value,
+            out,
+            base,
+            teacher or [],
+            zoo,
+            weights,
+            lam,
+            k,
+            p,
+            seed,
+            only_prefix,
+            block_weights,
         )
     except ValidationError as exc:
         parts = [
@@ -134,6 +159,8 @@ def merge_command(
         f"in {summary['seconds']:.1f}s: {summary['out']}"
     )
     typer.echo(f"  {method.value} {summary['record']['params']}")
+    if summary["record"]["block_weights"] is not None:
+        typer.echo(f"  block weights {summary['record']['block_weights']}")
 
 
 def _run(
@@ -148,6 +175,7 @@ def _run(
     p: float | None,
     seed: int | None,
     only_prefix: str | None,
+    block_weights: str | None = None,
 ) -> dict[str, Any]:
     from dmm.atomic import DmmError
 
@@ -159,7 +187,9 @@ def _run(
         raise DmmError(f"--{unused[0]} is not used by --method {method}")
     params: dict[str, Any] = dict(given)
     if weights is not None:
-        params["weights"] = _parse_weights(weights)
+        params["weights"] = _parse_numbers(weights, "--weights")
+    if block_weights is not None:
+        params["block_weights"] = _parse_numbers(block_weights, "--block-weights")
     base, teachers = _resolve_inputs(base, teachers, zoo)
 
     from dmm.merge import stream
@@ -172,11 +202,13 @@ def _run(
             raise DmmError(f"{not_dirs[0]} is not a pipeline folder, but --base is one")
         if only_prefix is not None:
             raise DmmError("--only-prefix applies to single files; pipelines merge the UNet only")
-        return stream.merge_unets(base, teachers, out, method, **params)
+        return stream.merge_unets(base, teachers, out, method, progress=_progress, **params)
     dirs = [t for t in teachers if t.is_dir()]
     if dirs:
         raise DmmError(f"{dirs[0]} is a folder, but --base is a file")
-    return stream.merge_files(base, teachers, out, method, only_prefix=only_prefix, **params)
+    return stream.merge_files(
+        base, teachers, out, method, only_prefix=only_prefix, progress=_progress, **params
+    )
 
 
 merge_app = typer.Typer(

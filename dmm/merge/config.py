@@ -39,6 +39,11 @@ class MergeConfig(BaseModel):
     k: float = Field(0.2, gt=0.0, le=1.0, description="TIES: fraction of entries kept")
     p: float = Field(0.9, ge=0.0, lt=1.0, description="DARE: drop probability")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="DARE: RNG seed")
+    block_weights: list[float] | None = Field(
+        None,
+        description="per-block merge strength (MBW), IN00..M00..OUT.., optionally BASE first; "
+        "read by every method (dmm/merge/blocks.py); None = 1 everywhere",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -51,6 +56,13 @@ class MergeConfig(BaseModel):
             raise ValueError("weights must be finite and non-negative")
         if sum(v) <= 0:
             raise ValueError("weights must not all be zero")
+        return v
+
+    @field_validator("block_weights")
+    @classmethod
+    def _block_weights_finite(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not math.isfinite(x) for x in v)):
+            raise ValueError("block weights must be a non-empty list of finite numbers")
         return v
 
     @field_validator("lam")

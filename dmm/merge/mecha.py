@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dmm.atomic import DmmError, atomic_file
+from dmm.merge.blocks import block_strengths
 from dmm.merge.config import MergeConfig
 from dmm.merge.stream import (
     MergeError,
@@ -87,21 +88,46 @@ def _running_mean(mm, nodes: Sequence, weights: Sequence[float]):
     return acc
 
 
+def _strength(sd_mecha, blocks: dict[str, float] | None, scale: float):
+    """``scale`` times the block weights as a per-key sd-mecha parameter: a
+    ``sd1-supermerger_blocks`` literal converted to ``sd1-ldm`` (sd-mecha's
+    own MBW path), or the plain float without block weights."""
+    if blocks is None:
+        return scale
+    literal = sd_mecha.literal(
+        {name: scale * v for name, v in blocks.items()}, config="sd1-supermerger_blocks"
+    )
+    return sd_mecha.convert(literal, "sd1-ldm")
+
+
 def build_recipe(
-    cfg: MergeConfig, base: Path, teachers: Sequence[Path], component: str | None = None
+    cfg: MergeConfig,
+    base: Path,
+    teachers: Sequence[Path],
+    component: str | None = None,
+    blocks: dict[str, float] | None = None,
 ):
-    """The sd-mecha recipe equivalent to ``cfg`` (see methods.py for the mapping)."""
+    """The sd-mecha recipe equivalent to ``cfg`` (see methods.py for the mapping).
+
+    ``blocks`` are the resolved block weights (BASE first, as recorded by
+    dmm/merge/blocks.py); sd-mecha supports them for SD1.5 LDM files only. With
+    them, ``weighted`` is ``weighted_sum(base, mean, alpha=b)`` and the delta
+    methods get ``alpha = lam * b``.
+    """
     sd_mecha = _sd_mecha()
     from sd_mecha.extensions.merge_methods import resolve as mm
 
     b = sd_mecha.model(Path(base))
     ts = [sd_mecha.model(Path(t)) for t in teachers]
     w = cfg.normalized_weights(len(ts))
+    alpha = _strength(sd_mecha, blocks, cfg.lam)
     if cfg.method == "weighted":
         recipe = _running_mean(mm, ts, w)
+        if blocks is not None:
+            recipe = mm("weighted_sum")(b, recipe, alpha=_strength(sd_mecha, blocks, 1.0))
     elif cfg.method == "task_arithmetic":
         deltas = [mm("subtract")(t, b) for t in ts]
-        recipe = mm("add_difference")(b, _running_mean(mm, deltas, w), alpha=cfg.lam)
+        recipe = mm("add_difference")(b, _running_mean(mm, deltas, w), alpha=alpha)
     elif cfg.method in ("ties", "dare_ties"):
         if len(set(w)) > 1:
             raise MergeError(
@@ -122,7 +148,7 @@ def build_recipe(
                 apply_median=False,
                 seed=cfg.seed,
             )
-        recipe = mm("add_difference")(b, tau, alpha=cfg.lam)
+        recipe = mm("add_difference")(b, tau, alpha=alpha)
     elif cfg.method == "dare_linear":
         dropped = [
             mm("dropout")(
@@ -135,7 +161,7 @@ def build_recipe(
             )
             for i, t in enumerate(ts)
         ]
-        recipe = mm("add_difference")(b, _running_mean(mm, dropped, w), alpha=cfg.lam)
+        recipe = mm("add_difference")(b, _running_mean(mm, dropped, w), alpha=alpha)
     else:  # MergeConfig's Literal makes this unreachable
         raise MergeError(f"unknown merge method {cfg.method!r}")
     if component is not None:
@@ -219,8 +245,12 @@ def merge_files_mecha(
     t0 = time.perf_counter()
     with open_safetensors(paths) as handles:
         specs = plan_merge(handles, [str(p) for p in paths])
-        recipe = build_recipe(cfg, paths[0], paths[1:], component)
+        blocks = None
+        if cfg.block_weights is not None:
+            blocks, _ = block_strengths(cfg.block_weights, specs)
+        recipe = build_recipe(cfg, paths[0], paths[1:], component, blocks)
         record = merge_record(cfg, paths[0], paths[1:])
+        record["block_weights"] = blocks
         record["engine"] = f"sd-mecha {importlib_metadata.version('sd-mecha')}"
         record["mecha_config"] = detect_config(paths[0])
         record["mecha_component"] = component

@@ -497,12 +497,20 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def merge_tensor(
-    method: str, key: str, base: Tensor, teachers: Sequence[Tensor], **params
+    method: str,
+    key: str,
+    base: Tensor,
+    teachers: Sequence[Tensor],
+    *,
+    strength: float = 1.0,
+    **params,
 ) -> Tensor:
     """Merge one key: validate, compute in float32, cast back to the base's dtype.
 
     Non-float tensors (e.g. int64 ``position_ids``) are returned from the base
-    unchanged: averaging indices is meaningless.
+    unchanged: averaging indices is meaningless. ``strength`` is the key's block
+    weight (dmm/merge/blocks.py): theta_0 + strength (merge - theta_0), applied
+    as ``lam * strength`` where the method has a lam, so that it is one rounding.
     """
     m = get_method(method)
     if not teachers:
@@ -518,8 +526,15 @@ def merge_tensor(
     unknown = set(params) - set(m.params)
     if unknown:
         raise ValueError(f"method {method} does not take {sorted(unknown)}")
+    if not math.isfinite(strength):
+        raise ValueError(f"block weight for key {key!r} must be finite, got {strength}")
     ct = compute_dtype(base.dtype, *(t.dtype for t in teachers))
-    out = m.fn(base.to(ct), _Cast(teachers, ct), key=key, **params)
+    b = base.to(ct)
+    if strength != 1.0 and "lam" in m.params:
+        params = {**params, "lam": params.get("lam", DEFAULT_LAM) * strength}
+    out = m.fn(b, _Cast(teachers, ct), key=key, **params)
+    if strength != 1.0 and "lam" not in m.params:
+        out = torch.lerp(b, out, strength)
     return out.to(base.dtype)
 
 

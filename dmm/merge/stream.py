@@ -23,16 +23,17 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
 from dmm.atomic import DmmError, atomic_dir, atomic_file
 from dmm.merge import methods
+from dmm.merge.blocks import block_strengths
 from dmm.merge.config import MergeConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ METADATA_PREFIX = "dmm."
 RNG_SCHEME = (
     "torch.Generator(cpu).manual_seed(sha256('<seed>:<key>')[:8] LE & (2**63-1)); torch.rand"
 )
+
+
+class ProgressBar(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+    def close(self) -> Any: ...
+
+
+# Called with the number of keys to merge; the CLI passes a tqdm factory.
+Progress = Callable[[int], ProgressBar]
 
 
 class MergeError(DmmError, ValueError):
@@ -278,6 +288,18 @@ def _is_float(spec: TensorSpec) -> bool:
     return spec.dtype.startswith(("F", "BF"))
 
 
+def _in_prefix(key: str, only_prefix: str | None) -> bool:
+    return not only_prefix or key.startswith(only_prefix)
+
+
+def _check_finite(tensor: torch.Tensor, key: str, who: str) -> None:
+    """Refuse NaN/inf inputs: weighted sums would spread them into the output and
+    TIES's sign election would silently drop them. Checked key by key as the
+    merge reads them (no extra pass over the files); the output is discarded."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{who} has NaN/inf values in {key!r}: nothing was written")
+
+
 def merge_record(
     cfg: MergeConfig,
     base: Path,
@@ -298,6 +320,7 @@ def merge_record(
     return {
         "method": cfg.method,
         "params": params,
+        "block_weights": None,  # filled by the merge once the base's blocks are known
         "weights": params["weights"],
         "seed": cfg.seed if cfg.random else None,
         "rng": RNG_SCHEME if cfg.random else None,
@@ -374,6 +397,7 @@ def _merge_files(
     labels: Sequence[str] | None = None,
     only_prefix: str | None = None,
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     paths = [Path(base), *(Path(t) for t in teachers)]
@@ -383,18 +407,34 @@ def _merge_files(
     params = cfg.params(len(paths) - 1)  # a weight-count error before any file is opened
     with open_safetensors(paths) as handles, open_readers(paths) as readers:
         specs = plan_merge(handles, names)
+        strengths: dict[str, float] = {}
+        block_record = None
+        if cfg.block_weights is not None:
+            block_record, strengths = block_strengths(cfg.block_weights, specs)
         record = merge_record(cfg, paths[0], paths[1:], labels, only_prefix)
+        record["block_weights"] = block_record
+
+        to_merge = [k for k in specs if _is_float(specs[k]) and _in_prefix(k, only_prefix)]
+        bar = progress(len(to_merge)) if progress is not None else None
 
         def merge_one(key: str) -> bool:
             b = readers[0].read(key)
-            if not _is_float(specs[key]) or (only_prefix and not key.startswith(only_prefix)):
+            if not _is_float(specs[key]) or not _in_prefix(key, only_prefix):
                 writer.write(key, b)
                 return False
             ts = [r.read(key) for r in readers[1:]]
-            writer.write(key, methods.merge_tensor(cfg.method, key, b, ts, **params))
+            _check_finite(b, key, f"base {names[0]}")
+            for name, t in zip(names[1:], ts, strict=True):
+                _check_finite(t, key, f"teacher {name}")
+            s = strengths.get(key, 1.0)
+            writer.write(key, methods.merge_tensor(cfg.method, key, b, ts, strength=s, **params))
+            if bar is not None:
+                bar.update(1)
             return True
 
-        with atomic_file(out, "wb") as fh:
+        with atomic_file(out, "wb") as fh, contextlib.ExitStack() as closing:
+            if bar is not None:
+                closing.callback(bar.close)
             writer = SafetensorsWriter(fh, specs, record_to_metadata(record))
             done = _run_bounded(merge_one, writer.order, _workers(workers))
             merged = sum(done)
@@ -420,12 +460,14 @@ def merge_files(
     *,
     only_prefix: str | None = None,
     workers: int | None = None,
+    progress: Progress | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """Merge safetensors files key by key into ``out``; return a summary.
 
-    ``params`` are MergeConfig fields (weights, lam, k, p, seed); defaults are
-    recorded too. Keys outside ``only_prefix`` (e.g. the text encoder and VAE of
+    ``params`` are MergeConfig fields (weights, lam, k, p, seed, block_weights);
+    defaults are recorded too. A NaN/inf input tensor stops the merge with a
+    MergeError naming the file, and no output is written. Keys outside ``only_prefix`` (e.g. the text encoder and VAE of
     a single-file SD checkpoint when ``only_prefix="model.diffusion_model."``)
     and non-float tensors are copied from the base. ``workers`` keys are merged
     at once (default 2); the output is the same bytes for any value.
@@ -436,7 +478,9 @@ def merge_files(
     if out.is_dir():
         raise MergeError(f"output {out} is a folder: give a .safetensors file path")
     _check_out_not_input(out, paths)
-    return _merge_files(cfg, paths[0], paths[1:], out, only_prefix=only_prefix, workers=workers)
+    return _merge_files(
+        cfg, paths[0], paths[1:], out, only_prefix=only_prefix, workers=workers, progress=progress
+    )
 
 
 def _pipeline_weights(folder: Path) -> Path:
@@ -455,6 +499,7 @@ def merge_unets(
     teacher_dirs: list[Path],
     out_dir: Path,
     method: str,
+    progress: Progress | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """Merge the UNets of diffusers pipeline folders into a new pipeline folder.
@@ -483,7 +528,9 @@ def merge_unets(
 
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(base_dir, tmp, dirs_exist_ok=True, ignore=skip_unet_weights)
-        summary = _merge_files(cfg, weights[0], weights[1:], tmp / UNET_WEIGHTS, labels)
+        summary = _merge_files(
+            cfg, weights[0], weights[1:], tmp / UNET_WEIGHTS, labels, progress=progress
+        )
         (tmp / "merge.json").write_text(json.dumps(summary["record"], indent=2, sort_keys=True))
     summary["out"] = str(out_dir)
     return summary

@@ -93,8 +93,21 @@ class DMMStudentPipeline(StableDiffusionPipeline):
         return book.embed_weights(weights)
 
     @torch.no_grad()
-    def __call__(self, *args: Any, style: StyleBatchSpec | None = None, **kwargs: Any):
-        """``StableDiffusionPipeline.__call__`` plus the required ``style=``."""
+    def __call__(
+        self,
+        *args: Any,
+        style: StyleBatchSpec | None = None,
+        style_regions: list | None = None,
+        **kwargs: Any,
+    ):
+        """``StableDiffusionPipeline.__call__`` plus the required ``style=``, or
+        ``style_regions=[(mask_or_box, style), ...]`` (dmm/student/regional.py)."""
+        if style_regions is not None:
+            if style is not None:
+                raise ValueError("give style= or style_regions=, not both")
+            from dmm.student.regional import call_with_regions
+
+            return call_with_regions(self, style_regions, *args, **kwargs)
         if style is None:
             raise ValueError(f"style= is required; known styles: {', '.join(self.style_names)}")
         bound = _PARENT_CALL.bind(self, *args, **kwargs)
