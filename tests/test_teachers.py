@@ -667,3 +667,56 @@ def test_cli_check_on_the_mini_zoo(mini_zoo, tmp_path):
         assert rows[style][2] == "ok"
         assert rows[style][3] == ("yes" if info["trained_text_encoder"] else "no")
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+# --- bad inputs found outside the suite (#17) -----------------------------------------------
+
+
+def _run_cli(*args: str):
+    return CliRunner().invoke(_cli(), ["teachers", *args])
+
+
+@pytest.mark.bad_input
+def test_empty_teacher_list_is_one_line_and_writes_nothing(zoo, tmp_path):
+    manifest = tmp_path / "teachers.yaml"
+    manifest.write_text("base: zoo:base\nteachers: []\n")
+    out = tmp_path / "data" / "teachers"
+    common = ["--manifest", str(manifest), "--zoo", str(zoo), "--root", str(tmp_path)]
+    for result in (_run_cli("check", *common), _run_cli("materialize", *common, "--out", str(out))):
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {manifest}: no teachers listed under 'teachers'"
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.bad_input
+def test_weights_symlinked_outside_the_project(zoo, tmp_path):
+    project = tmp_path / "project"
+    src = _copy_teacher(zoo, project / "models" / "pastel")
+    (src / UNET_FILE).unlink()
+    (src / UNET_FILE).symlink_to(zoo / "teachers" / "pastel" / UNET_FILE)
+    manifest = project / "teachers.yaml"
+    manifest.write_text("teachers:\n  - {name: pastel, source: models/pastel}\n")
+    common = ["--manifest", str(manifest), "--zoo", str(zoo), "--root", str(project)]
+    checked = _run_cli("check", *common)
+    assert checked.exit_code == 1, checked.output
+    row = checked.stdout.splitlines()[2]
+    assert row.split()[:3] == ["pastel", "diffusers", "FAIL"], row
+    assert "diffusion_pytorch_model.safetensors" in row and "outside the project" in row
+    out = project / "data" / "teachers"
+    made = _run_cli("materialize", *common, "--out", str(out))
+    assert made.exit_code == 1, made.output
+    assert "outside the project" in made.stderr and len(made.stderr.strip().splitlines()) == 1
+    assert not (project / "data").exists()
+    entry = TeacherEntry(name="pastel", source="models/pastel")
+    _fails(entry, zoo, project / "out", "outside the project", repo_root=project)
+
+
+@pytest.mark.bad_input
+def test_unsafe_pickle_refusal_keeps_its_cause_in_one_line(zoo, tmp_path):
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil(str(tmp_path / "p"))}, ckpt)
+    entry = TeacherEntry(name="evil", source=str(ckpt), allow_pickle=True)
+    msg = _fails(entry, zoo, tmp_path / "out", str(ckpt), "weights_only=True")
+    assert msg.endswith("(it asks for getattr, not an allowed global)"), msg
+    assert "\x1b" not in msg and "torch.serialization" not in msg

@@ -55,7 +55,12 @@ def _quiet() -> None:
     tlog.disable_progress_bar()
 
 
-def _entries(manifest: Any, only: list[str] | None) -> list[Any]:
+def _entries(manifest: Any, path: Path, only: list[str] | None) -> list[Any]:
+    """The teachers to work on; an empty manifest is an error, not a silent success."""
+    from dmm.atomic import DmmError
+
+    if not manifest.teachers:
+        raise DmmError(f"{path}: no teachers listed under 'teachers'")
     if not only:
         return list(manifest.teachers)
     return [manifest.get(name) for name in only]
@@ -90,7 +95,7 @@ def check_command(
     from dmm.teachers.manifest import load_manifest, source_kind
 
     m = load_manifest(manifest, repo_root=root)
-    entries = _entries(m, only)
+    entries = _entries(m, manifest, only)
     _quiet()
     from dmm.teachers.sources import prepare_teacher, resolve_base, validate_prepared
     from dmm.teachers.validate import describe
@@ -138,7 +143,7 @@ def materialize_command(
     from dmm.teachers.manifest import load_manifest
 
     m = load_manifest(manifest, repo_root=root)
-    entries = _entries(m, only)
+    entries = _entries(m, manifest, only)
     _quiet()
     from dmm.teachers.sources import materialize_teacher, resolve_base
 

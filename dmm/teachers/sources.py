@@ -12,11 +12,13 @@ No source can make dmm run code: only known component classes are loaded and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +123,9 @@ def read_checkpoint(path: Path, kind: str, allow_pickle: bool) -> dict[str, Any]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is several lines with terminal escapes; keep the line
-        # that names the offending object.
-        lines = [ln.strip() for ln in str(exc).splitlines()]
-        named = [ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln]
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", (named or lines or [""])[0])[:200]
         raise DmmError(
             f"{path}: refused by torch.load(weights_only=True): the pickle holds more than "
-            f"tensors ({reason})"
+            f"tensors ({unpickling_cause(exc)})"
         ) from None
     except (EOFError, RuntimeError, OSError, ValueError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
@@ -144,6 +141,25 @@ def read_checkpoint(path: Path, kind: str, allow_pickle: bool) -> dict[str, Any]
     if not tensors:
         raise DmmError(f"{path}: holds no tensors")
     return tensors
+
+
+def unpickling_cause(exc: Exception) -> str:
+    """The cause in torch's weights-only refusal, in a few words.
+
+    torch's message is a paragraph of advice with terminal escapes; the cause is
+    one sentence in it ("Unsupported global: GLOBAL getattr was not an allowed
+    global ..."), reduced here to what the pickle asked for.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if named:
+        return f"it asks for {named.group(1)}, not an allowed global"
+    for line in (ln.strip() for ln in text.splitlines()):
+        if line.startswith("WeightsUnpickler error:"):
+            # The first sentence names the cause; the rest is advice.
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0].rstrip(".")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")
 
 
 def _check_tensors(state: dict[str, Any], keys: list[str], where: Path, what: str) -> None:
@@ -340,6 +356,22 @@ def _hub_single_file(snapshot: Path, source: str) -> Path:
 # --- teachers --------------------------------------------------------------------------------
 
 
+def _check_files_inside(folder: Path, repo_root: Path, name: str) -> None:
+    """Every file a teacher folder's components hold resolves inside the project.
+
+    The folder itself may be inside while a weights file is a symlink to
+    elsewhere; checking and copying must read the same files, so both refuse it.
+    """
+    for comp in ("model_index.json", *CORE_COMPONENTS):
+        path = folder / comp
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                check_inside(f, repo_root, f"teacher {name!r} file")
+            except DmmError as exc:
+                raise DmmError(f"{folder}: {exc}") from None
+
+
 def prepare_teacher(
     entry: TeacherEntry,
     base_dir: Path,
@@ -362,6 +394,8 @@ def prepare_teacher(
         )
         if not (folder / "model_index.json").is_file():
             raise DmmError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        if kind == "diffusers" and repo_root is not None:
+            _check_files_inside(folder, repo_root, entry.name)
         return folder, folder, _check_pin(entry, _weights_in(folder, "unet"))
     if kind == "hub":
         snapshot = download_hub(entry.source, entry.allow_pickle)
@@ -391,6 +425,24 @@ def validate_prepared(folder: Path, base_dir: Path, name: str, where: Path) -> d
     return facts
 
 
+@contextlib.contextmanager
+def _no_new_empty_folders(folder: Path) -> Iterator[None]:
+    """On failure, remove the folders up to ``folder`` that this call created and
+    that are still empty: a refused teacher leaves no trace, not even its parent."""
+    made = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        made.append(p)
+    try:
+        yield
+    except BaseException:
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
 def materialize_teacher(
     entry: TeacherEntry,
     base_dir: Path,
@@ -412,7 +464,7 @@ def materialize_teacher(
     if not TEACHER_NAME_RE.match(entry.name):
         raise DmmError(f"invalid teacher name {entry.name!r}")
     kind = source_kind(entry.source)
-    with atomic_dir(out_dir) as tmp:
+    with _no_new_empty_folders(out_dir.parent), atomic_dir(out_dir) as tmp:
         scratch = tmp / ".convert"
         folder, where, source_digest = prepare_teacher(
             entry, base_dir, scratch, zoo_dir=zoo_dir, repo_root=repo_root
