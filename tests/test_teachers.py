@@ -720,3 +720,94 @@ def test_unsafe_pickle_refusal_keeps_its_cause_in_one_line(zoo, tmp_path):
     msg = _fails(entry, zoo, tmp_path / "out", str(ckpt), "weights_only=True")
     assert msg.endswith("(it asks for getattr, not an allowed global)"), msg
     assert "\x1b" not in msg and "torch.serialization" not in msg
+
+
+# --- families (#22.4) ------------------------------------------------------------------------
+
+
+def sdxl_shaped_base(zoo: Path, dst: Path) -> Path:
+    """The zoo's base dressed as an SDXL pipeline: what the family checks read
+    (pipeline class, a second text encoder, the text_time added embedding)."""
+    shutil.copytree(zoo / "base", dst)
+    _edit_json(
+        dst / "model_index.json",
+        _class_name="StableDiffusionXLPipeline",
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+    )
+    _edit_json(
+        dst / "unet" / "config.json",
+        addition_embed_type="text_time",
+        projection_class_embeddings_input_dim=2816,
+    )
+    return dst
+
+
+def _fails_on(base: Path, entry: TeacherEntry, zoo: Path, out_root: Path, *needles: str) -> str:
+    with pytest.raises(DmmError) as info:
+        materialize_teacher(entry, base, out_root / entry.name, zoo_dir=zoo)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert not out_root.exists()
+    return msg
+
+
+@pytest.mark.bad_input
+def test_sd15_teacher_against_an_sdxl_base(zoo, neon_file, tmp_path):
+    base = sdxl_shaped_base(zoo, tmp_path / "xl_base")
+    needle = "SD1.5 checkpoint offered against an SDXL base"
+    for source in ("zoo:pastel", str(neon_file)):
+        entry = TeacherEntry(name="sd", source=source)
+        _fails_on(base, entry, zoo, tmp_path / "out", needle)
+    # And an SDXL teacher on it: recognised, then refused as not supported yet.
+    xl = _copy_teacher(zoo, tmp_path / "xl_teacher")
+    shutil.copy(base / "model_index.json", xl / "model_index.json")
+    shutil.copy(base / "unet" / "config.json", xl / "unet" / "config.json")
+    entry = TeacherEntry(name="xl", source=str(xl))
+    _fails_on(base, entry, zoo, tmp_path / "out", "SDXL teachers and bases are not supported yet")
+
+
+@pytest.mark.bad_input
+def test_sdxl_refiner_offered_as_a_teacher(zoo, tmp_path):
+    folder = _copy_teacher(zoo, tmp_path / "refiner")
+    _edit_json(
+        folder / "model_index.json",
+        _class_name="StableDiffusionXLImg2ImgPipeline",
+        text_encoder=[None, None],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        requires_aesthetics_score=True,
+    )
+    entry = TeacherEntry(name="r", source=str(folder))
+    _fails(entry, zoo, tmp_path / "out", str(folder), "SDXL refiner offered as a teacher")
+    single = {
+        "conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 1280),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2560),
+    }
+    path = tmp_path / "refiner.safetensors"
+    save_file(single, path)
+    entry = TeacherEntry(name="r", source=str(path))
+    _fails(entry, zoo, tmp_path / "out", str(path), "SDXL refiner offered as a teacher")
+
+
+@pytest.mark.bad_input
+def test_sdxl_single_file_missing_its_second_text_encoder(zoo, tmp_path):
+    single = {
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (
+            torch.zeros(77, 768)
+        ),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2816),
+    }
+    path = tmp_path / "xl.safetensors"
+    save_file(single, path)
+    entry = TeacherEntry(name="xl", source=str(path))
+    _fails(entry, zoo, tmp_path / "out", str(path), "without its second text encoder")
+
+
+def test_family_of_a_dmm_student_file_is_sd15():
+    # A dmm student stores its style MLP under label_emb, at the timestep width.
+    from dmm.teachers.validate import keys_family
+
+    assert keys_family({"model.diffusion_model.label_emb.0.0.weight": (1280, 1280)}) == "sd15"
+    assert keys_family({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816)}) == "sdxl"

@@ -92,7 +92,7 @@ def check_command(
 ) -> None:
     """Validate every teacher against the base; prints a table, exits 1 if any fails."""
     from dmm.atomic import DmmError
-    from dmm.teachers.manifest import load_manifest, source_kind
+    from dmm.teachers.manifest import load_manifest
 
     m = load_manifest(manifest, repo_root=root)
     entries = _entries(m, manifest, only)
@@ -104,7 +104,7 @@ def check_command(
     with tempfile.TemporaryDirectory(prefix="dmm-teachers-check-") as scratch:
         base_dir = resolve_base(m.base, zoo_dir=zoo, repo_root=root, work_dir=Path(scratch) / "b")
         for entry in entries:
-            row = {"name": entry.name, "kind": source_kind(entry.source), "text_encoder": "-"}
+            row = {"name": entry.name, "kind": entry.kind, "text_encoder": "-"}
             try:
                 folder, where, _ = prepare_teacher(
                     entry, base_dir, Path(scratch) / entry.name, zoo_dir=zoo, repo_root=root

@@ -231,11 +231,15 @@ def convert_checkpoint(state: dict[str, Any], base_dir: Path, out: Path, where: 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dmm.student import export as X
-    from dmm.teachers.validate import SDXL, is_sdxl_keys
+    from dmm.teachers.validate import base_family, family_problem, keys_family, single_file_problem
     from dmm.zoo.autoencoder import PatchAutoencoder
 
-    if is_sdxl_keys({k: tuple(v.shape) for k, v in state.items()}):
-        raise DmmError(f"{where}: {SDXL}")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    problem = single_file_problem(shapes) or family_problem(
+        keys_family(shapes), base_family(base_dir)
+    )
+    if problem:
+        raise DmmError(f"{where}: {problem}")
     unet_keys = sorted(k for k in state if k.startswith(X.LDM_UNET))
     if not unet_keys:
         raise DmmError(f"{where}: no UNet weights (no {X.LDM_UNET}* keys): not an SD checkpoint")
@@ -384,7 +388,9 @@ def prepare_teacher(
 
     Folders are used in place; files are converted into ``scratch``.
     """
-    kind = source_kind(entry.source)
+    kind = entry.kind
+    if kind == "lora":
+        return _prepare_lora(entry, Path(base_dir), scratch, repo_root)
     what = f"teacher {entry.name!r} source"
     if kind in ("zoo", "diffusers"):
         folder = (
@@ -412,6 +418,26 @@ def prepare_teacher(
     scratch.mkdir(parents=True, exist_ok=True)
     convert_checkpoint(state, Path(base_dir), scratch, path)
     return scratch, path, digest
+
+
+def _prepare_lora(
+    entry: TeacherEntry, base_dir: Path, scratch: Path, repo_root: Path | None
+) -> tuple[Path, Path, str]:
+    """The base with the entry's LoRA fused, in ``scratch``; the digest covers the
+    LoRA file, the base weights it was fused into and the scale."""
+    from dmm.teachers.lora import fuse_lora_teacher, lora_teacher_digest
+    from dmm.teachers.validate import base_family
+
+    path = _local(str(entry.lora), repo_root, f"teacher {entry.name!r} lora")
+    if not path.is_file():
+        raise DmmError(f"{path}: expected a LoRA file")
+    # Hash before unpickling, as for checkpoints.
+    lora_digest = _check_pin(entry, path)
+    scratch.mkdir(parents=True, exist_ok=True)
+    family = base_family(base_dir)
+    fuse_lora_teacher(path, entry.scale, entry.allow_pickle, base_dir, scratch, family)
+    base_files = [_weights_in(base_dir, "unet"), _weights_in(base_dir, "text_encoder")]
+    return scratch, path, lora_teacher_digest(lora_digest, base_files, entry.scale)
 
 
 def validate_prepared(folder: Path, base_dir: Path, name: str, where: Path) -> dict[str, Any]:
@@ -458,12 +484,12 @@ def materialize_teacher(
     Nothing appears at ``out_dir`` unless every check passed, and a failed run
     leaves a previous ``out_dir`` untouched.
     """
-    from dmm.teachers.validate import describe, layout_problem
+    from dmm.teachers.validate import describe, folder_problem
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not TEACHER_NAME_RE.match(entry.name):
         raise DmmError(f"invalid teacher name {entry.name!r}")
-    kind = source_kind(entry.source)
+    kind = entry.kind
     with _no_new_empty_folders(out_dir.parent), atomic_dir(out_dir) as tmp:
         scratch = tmp / ".convert"
         folder, where, source_digest = prepare_teacher(
@@ -476,7 +502,7 @@ def materialize_teacher(
         else:
             if folder.resolve() == out_dir.resolve():
                 raise DmmError(f"{out_dir}: the output folder is the teacher's own source")
-            problem = layout_problem(folder)
+            problem = folder_problem(folder, base_dir)
             if problem:
                 raise DmmError(f"{where}: teacher {entry.name!r}: {problem}")
             copy_pipeline(folder, tmp, repo_root if kind == "diffusers" else None)
@@ -484,7 +510,7 @@ def materialize_teacher(
         facts = validate_prepared(tmp, base_dir, entry.name, where)
         meta = {
             "name": entry.name,
-            "source": entry.source,
+            "source": entry.origin,
             "kind": kind,
             "sha256": _sha256(tmp / facts["unet_file"]),
             "source_sha256": source_digest,
@@ -494,8 +520,10 @@ def materialize_teacher(
             "unet_changed_tensors": facts["unet_changed_tensors"],
             "detail": describe(facts),
         }
+        if entry.lora is not None:
+            meta["lora_scale"] = entry.scale
         (tmp / TEACHER_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("teacher %s: %s -> %s", entry.name, entry.source, out_dir)
+    log.info("teacher %s: %s -> %s", entry.name, entry.origin, out_dir)
     return meta
 
 
