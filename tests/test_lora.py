@@ -338,9 +338,12 @@ def test_lora_pin_mismatch(zoo, states, tmp_path):
     _refused(zoo, tmp_path, path, "sha256 mismatch", sha256="ab" * 32)
 
 
-def test_cli_checks_and_materializes_lora_teachers(zoo, states, tmp_path):
+def test_three_lora_teachers_are_checked_materialized_and_distilled(
+    mini_zoo, zoo, states, tmp_path
+):
     """Three LoRA teachers: a diffusers-format one, a kohya one, and one that also
-    adapts the text encoder; checked, then written as ordinary teacher folders."""
+    adapts the text encoder; checked, written as ordinary teacher folders, then
+    sampled and distilled into one student like any teachers."""
     import typer
 
     from dmm.teachers.cli import teachers_app
@@ -374,6 +377,43 @@ def test_cli_checks_and_materializes_lora_teachers(zoo, states, tmp_path):
     for name in ("pastel", "sepia", "neon"):
         meta = json.loads((out / name / TEACHER_JSON).read_text())
         assert meta["kind"] == "lora" and meta["trained_text_encoder"] == (name == "neon")
+    _distill_briefly(mini_zoo, {n: out / n for n in ("pastel", "sepia", "neon")}, tmp_path)
+
+
+def _distill_briefly(mini_zoo, teachers: dict[str, Path], tmp_path: Path) -> None:
+    from dmm.data.config import PromptsConfig, SampleConfig
+    from dmm.data.prompts import build_prompts
+    from dmm.data.samples import sample_all
+    from dmm.distill.config import DistillConfig
+    from dmm.distill.trainer import distill
+    from dmm.student.pipeline import DMMStudentPipeline
+
+    zoo, manifest = mini_zoo
+    build_prompts(PromptsConfig(n_train=8, n_eval=4), tmp_path / "prompts", manifest)
+    sample_all(
+        teachers, zoo / "base", tmp_path / "prompts/train.jsonl", tmp_path / "samples",
+        SampleConfig(steps=2, batch_size=8), progress=False,
+    )  # fmt: skip
+    specs = [{"name": n, "path": p, "samples": tmp_path / "samples" / n} for n, p in teachers.items()]  # fmt: skip
+    run = tmp_path / "run"
+    distill(
+        DistillConfig(
+            base=zoo / "base",
+            teachers=specs,
+            output_dir=run,
+            steps=3,
+            batch_size=3,
+            checkpoint_every=5,
+            log_every=1,
+            warmup_steps=0,
+            progress=False,
+        )  # fmt: skip
+    )
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in teachers:
+        assert last[f"loss_score/{name}"] > 0
+    pipe = DMMStudentPipeline.from_pretrained(run / "student", local_files_only=True)
+    assert pipe.style_names == list(teachers)
 
 
 @pytest.mark.bad_input
