@@ -329,6 +329,9 @@ def test_not_a_lora_and_a_broken_pair(zoo, states, tmp_path):
     _refused(zoo, tmp_path, path, "incomplete LoRA pairs", "has no up")
     save_file({"unet.conv_in.lora_magnitude_vector": torch.zeros(2)}, str(path))
     _refused(zoo, tmp_path, path, "DoRA weights are not supported")
+    ints = torch.zeros(2, 4, dtype=torch.int32)
+    save_file({"lora_unet_conv_in.lora_down.weight": ints}, str(path))
+    _refused(zoo, tmp_path, path, "is torch.int32, not floating point")
 
 
 @pytest.mark.bad_input
@@ -394,7 +397,8 @@ def _distill_briefly(mini_zoo, teachers: dict[str, Path], tmp_path: Path) -> Non
         teachers, zoo / "base", tmp_path / "prompts/train.jsonl", tmp_path / "samples",
         SampleConfig(steps=2, batch_size=8), progress=False,
     )  # fmt: skip
-    specs = [{"name": n, "path": p, "samples": tmp_path / "samples" / n} for n, p in teachers.items()]  # fmt: skip
+    samples = tmp_path / "samples"
+    specs = [{"name": n, "path": p, "samples": samples / n} for n, p in teachers.items()]
     run = tmp_path / "run"
     distill(
         DistillConfig(
@@ -418,9 +422,10 @@ def _distill_briefly(mini_zoo, teachers: dict[str, Path], tmp_path: Path) -> Non
 
 @pytest.mark.bad_input
 def test_sd15_lora_against_an_sdxl_base(zoo, states, tmp_path):
-    from tests.test_teachers import sdxl_shaped_base
+    from dmm.zoo.sdxl import build_sdxl_miniature
 
-    base = sdxl_shaped_base(zoo, tmp_path / "xl_base")
+    build_sdxl_miniature(tmp_path / "xl")
+    base = tmp_path / "xl" / "base"
     base_unet, base_text = states["base"]
     unet_lora = extract(base_unet, states["neon"][0], 2)
     text_lora = extract(base_text, states["neon"][1], 2)

@@ -725,22 +725,14 @@ def test_unsafe_pickle_refusal_keeps_its_cause_in_one_line(zoo, tmp_path):
 # --- families (#22.4) ------------------------------------------------------------------------
 
 
-def sdxl_shaped_base(zoo: Path, dst: Path) -> Path:
-    """The zoo's base dressed as an SDXL pipeline: what the family checks read
-    (pipeline class, a second text encoder, the text_time added embedding)."""
-    shutil.copytree(zoo / "base", dst)
-    _edit_json(
-        dst / "model_index.json",
-        _class_name="StableDiffusionXLPipeline",
-        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-        tokenizer_2=["transformers", "CLIPTokenizer"],
-    )
-    _edit_json(
-        dst / "unet" / "config.json",
-        addition_embed_type="text_time",
-        projection_class_embeddings_input_dim=2816,
-    )
-    return dst
+@pytest.fixture(scope="module")
+def sdxl_zoo(tmp_path_factory) -> Path:
+    """The miniature SDXL-shaped zoo (two text encoders, text_time; about a second)."""
+    from dmm.zoo.sdxl import build_sdxl_miniature
+
+    out = tmp_path_factory.mktemp("xl") / "zoo"
+    build_sdxl_miniature(out)
+    return out
 
 
 def _fails_on(base: Path, entry: TeacherEntry, zoo: Path, out_root: Path, *needles: str) -> str:
@@ -755,18 +747,19 @@ def _fails_on(base: Path, entry: TeacherEntry, zoo: Path, out_root: Path, *needl
 
 
 @pytest.mark.bad_input
-def test_sd15_teacher_against_an_sdxl_base(zoo, neon_file, tmp_path):
-    base = sdxl_shaped_base(zoo, tmp_path / "xl_base")
+def test_mixed_families_are_refused_both_ways(zoo, neon_file, sdxl_zoo, tmp_path):
+    xl_base, xl_teacher = sdxl_zoo / "base", sdxl_zoo / "teachers" / "xl_pastel"
     needle = "SD1.5 checkpoint offered against an SDXL base"
     for source in ("zoo:pastel", str(neon_file)):
         entry = TeacherEntry(name="sd", source=source)
-        _fails_on(base, entry, zoo, tmp_path / "out", needle)
-    # And an SDXL teacher on it: recognised, then refused as not supported yet.
-    xl = _copy_teacher(zoo, tmp_path / "xl_teacher")
-    shutil.copy(base / "model_index.json", xl / "model_index.json")
-    shutil.copy(base / "unet" / "config.json", xl / "unet" / "config.json")
-    entry = TeacherEntry(name="xl", source=str(xl))
-    _fails_on(base, entry, zoo, tmp_path / "out", "SDXL teachers and bases are not supported yet")
+        _fails_on(xl_base, entry, zoo, tmp_path / "out", needle)
+    entry = TeacherEntry(name="xl", source=str(xl_teacher))
+    msg = _fails(entry, zoo, tmp_path / "out", str(xl_teacher))
+    assert msg.endswith("SDXL checkpoint offered against an SD1.5 base"), msg
+    # An SDXL teacher on an SDXL base is recognised, then refused as not supported yet.
+    _fails_on(
+        xl_base, entry, zoo, tmp_path / "out", "SDXL teachers and bases are not supported yet"
+    )
 
 
 @pytest.mark.bad_input

@@ -98,6 +98,8 @@ def group_modules(state: dict[str, Any], where: Path) -> dict[str, LoraModule]:
             continue
         mod = modules.setdefault(m["module"], LoraModule(m["module"]))
         tensor = state[key]
+        if not tensor.is_floating_point():
+            raise DmmError(f"{where}: LoRA tensor {key} is {tensor.dtype}, not floating point")
         if m["alpha"]:
             if tensor.numel() != 1:
                 raise DmmError(f"{where}: LoRA alpha {key} has {tensor.numel()} values, not one")
