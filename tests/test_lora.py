@@ -188,6 +188,14 @@ def test_scale_and_rank_change_the_teacher_and_its_hash(zoo, states, tmp_path):
     other = _materialize(zoo, tmp_path / "t3" / "full", path)
     assert other["source_sha256"] != full["source_sha256"]
     assert json.loads((tmp_path / "t/half" / TEACHER_JSON).read_text())["lora_scale"] == 0.5
+    # The same LoRA on another base is another teacher.
+    from dmm.teachers.lora import lora_teacher_digest
+
+    on = [
+        lora_teacher_digest("ab" * 32, [zoo / d / UNET_FILE], 1.0)
+        for d in ("base", "teachers/neon")
+    ]
+    assert on[0] != on[1]
 
 
 def test_text_encoder_lora_makes_the_teacher_carry_its_own_text_encoder(zoo, states, tmp_path):

@@ -31,12 +31,11 @@ from typing import Any
 
 from dmm.atomic import DmmError
 
-# component -> (PEFT/diffusers prefixes, kohya prefixes, weights file in the pipeline folder)
-Component = tuple[tuple[str, ...], tuple[str, ...], str]
-FAMILY_COMPONENTS: dict[str, dict[str, Component]] = {
+# component folder -> (PEFT/diffusers prefixes, kohya prefixes), per family
+FAMILY_COMPONENTS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sd15": {
-        "unet": (("unet.",), ("lora_unet_",), "unet/diffusion_pytorch_model.safetensors"),
-        "text_encoder": (("text_encoder.",), ("lora_te_",), "text_encoder/model.safetensors"),
+        "unet": (("unet.",), ("lora_unet_",)),
+        "text_encoder": (("text_encoder.",), ("lora_te_",)),
     },
 }
 # Names only one family's LoRAs hold (SDXL's kohya files say lora_te1_/lora_te2_,
@@ -201,7 +200,7 @@ def split_components(
     out: dict[str, dict[str, LoraModule]] = {c: {} for c in FAMILY_COMPONENTS[family]}
     for name, mod in modules.items():
         bare = name.removeprefix("base_model.model.")
-        for comp, (peft, kohya, _) in FAMILY_COMPONENTS[family].items():
+        for comp, (peft, kohya) in FAMILY_COMPONENTS[family].items():
             prefix = next((p for p in (*peft, *kohya) if bare.startswith(p)), None)
             if prefix is not None:
                 out[comp][bare[len(prefix) :]] = mod
@@ -307,18 +306,17 @@ def fuse_lora_teacher(
     from safetensors.torch import load_file, save_file
 
     from dmm.student import export as X
-    from dmm.teachers.sources import copy_pipeline
+    from dmm.teachers.sources import WEIGHT_NAMES, copy_pipeline, weights_in
 
     state, metadata = read_lora(lora_path, allow_pickle)
     modules = group_modules(state, lora_path)
     check_family(modules, family, lora_path)
     parts = split_components(modules, family)
-    components = FAMILY_COMPONENTS[family]
     base_states, indexes = {}, {}
-    for comp, (_, _, rel) in components.items():
-        base_states[comp] = load_file(str(base_dir / rel)) if parts[comp] else {}
+    for comp, mods in parts.items():
+        base_states[comp] = load_file(str(weights_in(base_dir, comp))) if mods else {}
         ldm = {}
-        if comp == "unet" and parts[comp]:
+        if comp == "unet" and mods:
             cfg = json.loads((base_dir / "unet" / "config.json").read_text())
             ldm = X.unet_ldm_key_map(list(base_states[comp]), cfg)
         indexes[comp] = module_index(list(base_states[comp]), ldm)
@@ -330,11 +328,11 @@ def fuse_lora_teacher(
             for mod in mods.values():
                 mod.alpha = mod.alpha if mod.alpha is not None else alpha
             fused[comp] = fuse_component(base_states[comp], mods, indexes[comp], scale, lora_path)
-    copy_pipeline(base_dir, out)
+    copy_pipeline(base_dir, out, without_weights=tuple(fused))
     for comp, tensors in fused.items():
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
-            str(out / components[comp][2]),
+            str(out / comp / WEIGHT_NAMES[comp][0]),
             metadata={"format": "pt"},
         )
     return {comp: len(mods) for comp, mods in parts.items()}

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 TEACHER_JSON = "teacher.json"
 CORE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-_WEIGHT_NAMES = {
+WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors"),
@@ -81,11 +81,11 @@ def _check_pin(entry: TeacherEntry, path: Path) -> str:
     return actual
 
 
-def _weights_in(folder: Path, comp: str) -> Path:
+def weights_in(folder: Path, comp: str) -> Path:
     from dmm.teachers.validate import _Problem, weights_file
 
     try:
-        return weights_file(folder / comp, _WEIGHT_NAMES[comp])
+        return weights_file(folder / comp, WEIGHT_NAMES[comp])
     except _Problem as exc:
         raise DmmError(f"{folder}: {exc}") from None
 
@@ -195,27 +195,34 @@ def _write_index(src_index: dict[str, Any], dst: Path) -> None:
     (dst / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_component(src: Path, dst: Path, comp: str, repo_root: Path | None) -> None:
-    """Copy one component folder: configs and tokenizer files, and the one
-    safetensors weights file under its canonical (non-variant) name."""
+def _copy_component(
+    src: Path, dst: Path, comp: str, repo_root: Path | None, weights_too: bool = True
+) -> None:
+    """Copy one component folder: configs and tokenizer files, and (unless
+    ``weights_too`` is false) the one safetensors weights file under its
+    canonical (non-variant) name."""
     (dst / comp).mkdir(parents=True, exist_ok=True)
-    weights = _weights_in(src, comp) if comp in _WEIGHT_NAMES else None
+    weights = weights_in(src, comp) if comp in WEIGHT_NAMES else None
     for f in sorted((src / comp).iterdir()):
         if not f.is_file() or f.suffix in _PICKLE_SUFFIXES or f.suffix == ".py":
             continue
-        if f.suffix == ".safetensors" and f != weights:
+        if f.suffix == ".safetensors" and (f != weights or not weights_too):
             continue  # other variants (fp16 / non-EMA copies) are not needed
         if repo_root is not None:
             check_inside(f, repo_root, "file")
-        name = _WEIGHT_NAMES[comp][0] if f == weights else f.name
+        name = WEIGHT_NAMES[comp][0] if f == weights else f.name
         shutil.copyfile(f, dst / comp / name)
 
 
-def copy_pipeline(src: Path, dst: Path, repo_root: Path | None = None) -> None:
-    """The five SD components of ``src`` into ``dst`` (existing, empty)."""
+def copy_pipeline(
+    src: Path, dst: Path, repo_root: Path | None = None, without_weights: tuple[str, ...] = ()
+) -> None:
+    """The five SD components of ``src`` into ``dst`` (existing, empty); the
+    components in ``without_weights`` get their configs only (the caller writes
+    their weights)."""
     index = json.loads((src / "model_index.json").read_text())
     for comp in CORE_COMPONENTS:
-        _copy_component(src, dst, comp, repo_root)
+        _copy_component(src, dst, comp, repo_root, comp not in without_weights)
     _write_index(index, dst)
 
 
@@ -246,7 +253,7 @@ def convert_checkpoint(state: dict[str, Any], base_dir: Path, out: Path, where: 
     base_cfg = UNet2DConditionModel.load_config(base_dir, subfolder="unet")
     from safetensors import safe_open
 
-    with safe_open(str(_weights_in(base_dir, "unet")), framework="pt") as fh:
+    with safe_open(str(weights_in(base_dir, "unet")), framework="pt") as fh:
         base_shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     expected = {
         ldm: base_shapes[k] for k, ldm in X.unet_ldm_key_map(list(base_shapes), base_cfg).items()
@@ -402,11 +409,11 @@ def prepare_teacher(
             raise DmmError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
         if kind == "diffusers" and repo_root is not None:
             _check_files_inside(folder, repo_root, entry.name)
-        return folder, folder, _check_pin(entry, _weights_in(folder, "unet"))
+        return folder, folder, _check_pin(entry, weights_in(folder, "unet"))
     if kind == "hub":
         snapshot = download_hub(entry.source, entry.allow_pickle)
         if (snapshot / "model_index.json").is_file():
-            return snapshot, snapshot, _check_pin(entry, _weights_in(snapshot, "unet"))
+            return snapshot, snapshot, _check_pin(entry, weights_in(snapshot, "unet"))
         path, kind = _hub_single_file(snapshot, entry.source), "single_file"
     else:
         path = _local(entry.source, repo_root, what)
@@ -436,7 +443,7 @@ def _prepare_lora(
     scratch.mkdir(parents=True, exist_ok=True)
     family = base_family(base_dir)
     fuse_lora_teacher(path, entry.scale, entry.allow_pickle, base_dir, scratch, family)
-    base_files = [_weights_in(base_dir, "unet"), _weights_in(base_dir, "text_encoder")]
+    base_files = [weights_in(base_dir, "unet"), weights_in(base_dir, "text_encoder")]
     return scratch, path, lora_teacher_digest(lora_digest, base_files, entry.scale)
 
 

@@ -132,11 +132,6 @@ def is_sdxl_config(index: Mapping[str, Any], unet_cfg: Mapping[str, Any]) -> boo
     )
 
 
-def is_sdxl_keys(shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """SDXL's tell-tales in an LDM single file or a diffusers state dict."""
-    return keys_family(shapes) != "sd15"
-
-
 # --- families ----------------------------------------------------------------------------------
 # A teacher must be of its base's family. SDXL is recognised (folders, original
 # single files, the refiner) so that it is refused by name, in both directions,
