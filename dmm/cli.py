@@ -83,6 +83,23 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
 
 
+def _zoo_build_other_family(family: str, out: Path, miniature: bool) -> None:
+    from dmm.atomic import DmmError
+
+    if family != "sdxl":
+        raise DmmError(f"unknown zoo family {family!r}: expected sd15 or sdxl")
+    if not miniature:
+        raise DmmError("the SDXL zoo exists only as --miniature (SDXL-shaped, untrained)")
+    _quiet_libraries()
+    from dmm.zoo.build import check_output_dir
+    from dmm.zoo.sdxl import build_sdxl_miniature
+
+    check_output_dir(out)
+    manifest = build_sdxl_miniature(out)
+    typer.echo(f"zoo (sdxl, miniature): {out.resolve()} in {manifest['build_seconds']} s")
+    typer.echo(f"  teachers: {', '.join(manifest['teachers'])}")
+
+
 @zoo_app.command("build")
 @one_line_errors
 def zoo_build(
@@ -93,8 +110,14 @@ def zoo_build(
     seed: Annotated[int | None, typer.Option(help="Override the config's seed.")] = None,
     miniature: Annotated[bool, typer.Option(help="A seconds-long zoo for tests.")] = False,
     force: Annotated[bool, typer.Option(help="Rebuild even if up to date.")] = False,
+    family: Annotated[
+        str, typer.Option(help="sd15, or sdxl (with --miniature: an SDXL-shaped zoo for tests).")
+    ] = "sd15",
 ) -> None:
     """Build the toy zoo (base + style teachers + style classifier), or reuse it."""
+    if family != "sd15":
+        _zoo_build_other_family(family, out, miniature)
+        return
     import yaml
 
     from dmm.config import load_config

@@ -667,3 +667,140 @@ def test_cli_check_on_the_mini_zoo(mini_zoo, tmp_path):
         assert rows[style][2] == "ok"
         assert rows[style][3] == ("yes" if info["trained_text_encoder"] else "no")
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+# --- bad inputs found outside the suite (#17) -----------------------------------------------
+
+
+def _run_cli(*args: str):
+    return CliRunner().invoke(_cli(), ["teachers", *args])
+
+
+@pytest.mark.bad_input
+def test_empty_teacher_list_is_one_line_and_writes_nothing(zoo, tmp_path):
+    manifest = tmp_path / "teachers.yaml"
+    manifest.write_text("base: zoo:base\nteachers: []\n")
+    out = tmp_path / "data" / "teachers"
+    common = ["--manifest", str(manifest), "--zoo", str(zoo), "--root", str(tmp_path)]
+    for result in (_run_cli("check", *common), _run_cli("materialize", *common, "--out", str(out))):
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {manifest}: no teachers listed under 'teachers'"
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.bad_input
+def test_weights_symlinked_outside_the_project(zoo, tmp_path):
+    project = tmp_path / "project"
+    src = _copy_teacher(zoo, project / "models" / "pastel")
+    (src / UNET_FILE).unlink()
+    (src / UNET_FILE).symlink_to(zoo / "teachers" / "pastel" / UNET_FILE)
+    manifest = project / "teachers.yaml"
+    manifest.write_text("teachers:\n  - {name: pastel, source: models/pastel}\n")
+    common = ["--manifest", str(manifest), "--zoo", str(zoo), "--root", str(project)]
+    checked = _run_cli("check", *common)
+    assert checked.exit_code == 1, checked.output
+    row = checked.stdout.splitlines()[2]
+    assert row.split()[:3] == ["pastel", "diffusers", "FAIL"], row
+    assert "diffusion_pytorch_model.safetensors" in row and "outside the project" in row
+    out = project / "data" / "teachers"
+    made = _run_cli("materialize", *common, "--out", str(out))
+    assert made.exit_code == 1, made.output
+    assert "outside the project" in made.stderr and len(made.stderr.strip().splitlines()) == 1
+    assert not (project / "data").exists()
+    entry = TeacherEntry(name="pastel", source="models/pastel")
+    _fails(entry, zoo, project / "out", "outside the project", repo_root=project)
+
+
+@pytest.mark.bad_input
+def test_unsafe_pickle_refusal_keeps_its_cause_in_one_line(zoo, tmp_path):
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil(str(tmp_path / "p"))}, ckpt)
+    entry = TeacherEntry(name="evil", source=str(ckpt), allow_pickle=True)
+    msg = _fails(entry, zoo, tmp_path / "out", str(ckpt), "weights_only=True")
+    assert msg.endswith("(it asks for getattr, not an allowed global)"), msg
+    assert "\x1b" not in msg and "torch.serialization" not in msg
+
+
+# --- families (#22.4) ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_zoo(tmp_path_factory) -> Path:
+    """The miniature SDXL-shaped zoo (two text encoders, text_time; about a second)."""
+    from dmm.zoo.sdxl import build_sdxl_miniature
+
+    out = tmp_path_factory.mktemp("xl") / "zoo"
+    build_sdxl_miniature(out)
+    return out
+
+
+def _fails_on(base: Path, entry: TeacherEntry, zoo: Path, out_root: Path, *needles: str) -> str:
+    with pytest.raises(DmmError) as info:
+        materialize_teacher(entry, base, out_root / entry.name, zoo_dir=zoo)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert not out_root.exists()
+    return msg
+
+
+@pytest.mark.bad_input
+def test_mixed_families_are_refused_both_ways(zoo, neon_file, sdxl_zoo, tmp_path):
+    xl_base, xl_teacher = sdxl_zoo / "base", sdxl_zoo / "teachers" / "xl_pastel"
+    needle = "SD1.5 checkpoint offered against an SDXL base"
+    for source in ("zoo:pastel", str(neon_file)):
+        entry = TeacherEntry(name="sd", source=source)
+        _fails_on(xl_base, entry, zoo, tmp_path / "out", needle)
+    entry = TeacherEntry(name="xl", source=str(xl_teacher))
+    msg = _fails(entry, zoo, tmp_path / "out", str(xl_teacher))
+    assert msg.endswith("SDXL checkpoint offered against an SD1.5 base"), msg
+    # An SDXL teacher on an SDXL base is recognised, then refused as not supported yet.
+    _fails_on(
+        xl_base, entry, zoo, tmp_path / "out", "SDXL teachers and bases are not supported yet"
+    )
+
+
+@pytest.mark.bad_input
+def test_sdxl_refiner_offered_as_a_teacher(zoo, tmp_path):
+    folder = _copy_teacher(zoo, tmp_path / "refiner")
+    _edit_json(
+        folder / "model_index.json",
+        _class_name="StableDiffusionXLImg2ImgPipeline",
+        text_encoder=[None, None],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        requires_aesthetics_score=True,
+    )
+    entry = TeacherEntry(name="r", source=str(folder))
+    _fails(entry, zoo, tmp_path / "out", str(folder), "SDXL refiner offered as a teacher")
+    single = {
+        "conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 1280),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2560),
+    }
+    path = tmp_path / "refiner.safetensors"
+    save_file(single, path)
+    entry = TeacherEntry(name="r", source=str(path))
+    _fails(entry, zoo, tmp_path / "out", str(path), "SDXL refiner offered as a teacher")
+
+
+@pytest.mark.bad_input
+def test_sdxl_single_file_missing_its_second_text_encoder(zoo, tmp_path):
+    single = {
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (
+            torch.zeros(77, 768)
+        ),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2816),
+    }
+    path = tmp_path / "xl.safetensors"
+    save_file(single, path)
+    entry = TeacherEntry(name="xl", source=str(path))
+    _fails(entry, zoo, tmp_path / "out", str(path), "without its second text encoder")
+
+
+def test_family_of_a_dmm_student_file_is_sd15():
+    # A dmm student stores its style MLP under label_emb, at the timestep width.
+    from dmm.teachers.validate import keys_family
+
+    assert keys_family({"model.diffusion_model.label_emb.0.0.weight": (1280, 1280)}) == "sd15"
+    assert keys_family({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816)}) == "sdxl"

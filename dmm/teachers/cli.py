@@ -55,7 +55,12 @@ def _quiet() -> None:
     tlog.disable_progress_bar()
 
 
-def _entries(manifest: Any, only: list[str] | None) -> list[Any]:
+def _entries(manifest: Any, path: Path, only: list[str] | None) -> list[Any]:
+    """The teachers to work on; an empty manifest is an error, not a silent success."""
+    from dmm.atomic import DmmError
+
+    if not manifest.teachers:
+        raise DmmError(f"{path}: no teachers listed under 'teachers'")
     if not only:
         return list(manifest.teachers)
     return [manifest.get(name) for name in only]
@@ -87,10 +92,10 @@ def check_command(
 ) -> None:
     """Validate every teacher against the base; prints a table, exits 1 if any fails."""
     from dmm.atomic import DmmError
-    from dmm.teachers.manifest import load_manifest, source_kind
+    from dmm.teachers.manifest import load_manifest
 
     m = load_manifest(manifest, repo_root=root)
-    entries = _entries(m, only)
+    entries = _entries(m, manifest, only)
     _quiet()
     from dmm.teachers.sources import prepare_teacher, resolve_base, validate_prepared
     from dmm.teachers.validate import describe
@@ -99,7 +104,7 @@ def check_command(
     with tempfile.TemporaryDirectory(prefix="dmm-teachers-check-") as scratch:
         base_dir = resolve_base(m.base, zoo_dir=zoo, repo_root=root, work_dir=Path(scratch) / "b")
         for entry in entries:
-            row = {"name": entry.name, "kind": source_kind(entry.source), "text_encoder": "-"}
+            row = {"name": entry.name, "kind": entry.kind, "text_encoder": "-"}
             try:
                 folder, where, _ = prepare_teacher(
                     entry, base_dir, Path(scratch) / entry.name, zoo_dir=zoo, repo_root=root
@@ -138,7 +143,7 @@ def materialize_command(
     from dmm.teachers.manifest import load_manifest
 
     m = load_manifest(manifest, repo_root=root)
-    entries = _entries(m, only)
+    entries = _entries(m, manifest, only)
     _quiet()
     from dmm.teachers.sources import materialize_teacher, resolve_base
 

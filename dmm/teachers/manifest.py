@@ -5,8 +5,11 @@ base: zoo:base
 teachers:
   - name: pastel
     source: zoo:pastel       # zoo:<style> | diffusers folder | .safetensors | .ckpt/.pt | hub:<repo>@<rev>
-    sha256: null             # optional pin: the file, or a folder's UNet weights file
+    sha256: null             # optional pin: the file (or LoRA), or a folder's UNet weights file
     allow_pickle: false      # pickles are refused unless true (then torch.load(weights_only=True))
+  - name: inkwash
+    lora: loras/inkwash.safetensors  # the base plus this LoRA (kohya or diffusers/PEFT keys)
+    scale: 1.0               # the LoRA's strength when it is fused
 ```
 
 Importing this module is cheap (no torch): a Dagster sensor reads the manifest
@@ -16,6 +19,7 @@ on every tick.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -25,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from dmm.atomic import DmmError
 from dmm.names import STYLE_NAME_RE
 
-SourceKind = Literal["zoo", "diffusers", "single_file", "pickle", "hub"]
+SourceKind = Literal["zoo", "diffusers", "single_file", "pickle", "hub", "lora"]
 
 # A teacher name becomes a folder name, a Dagster partition key and a style name.
 TEACHER_NAME_RE = STYLE_NAME_RE
@@ -92,7 +96,9 @@ class TeacherEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    source: str
+    source: str | None = None
+    lora: str | None = None
+    scale: float = 1.0
     sha256: str | None = None
     allow_pickle: bool = False
 
@@ -108,8 +114,8 @@ class TeacherEntry(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _source(cls, v: str) -> str:
-        if _kind_or_none(v) is None:
+    def _source(cls, v: str | None) -> str | None:
+        if v is not None and _kind_or_none(v) is None:
             if v.startswith("hub:"):
                 raise ValueError(f"bad hub source {v!r}: write hub:<repo_id>@<revision>")
             raise ValueError(f"unknown source kind {v!r}: {KIND_HELP}")
@@ -125,9 +131,34 @@ class TeacherEntry(BaseModel):
             raise ValueError(f"sha256 must be 64 hex digits, got {v!r}")
         return v
 
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, v: str | None) -> str | None:
+        if v is not None and _kind_or_none(v) not in ("single_file", "pickle"):
+            raise ValueError(f"lora {v!r} must be a local .safetensors (or .pt/.bin pickle) file")
+        return v
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> TeacherEntry:
+        if (self.source is None) == (self.lora is None):
+            raise ValueError(
+                f"teacher {self.name!r} needs exactly one of 'source' (a model) and 'lora' "
+                "(a LoRA on the base)"
+            )
+        if self.lora is None and self.scale != 1.0:
+            raise ValueError(f"teacher {self.name!r}: 'scale' applies to a 'lora' teacher only")
+        if not math.isfinite(self.scale) or self.scale == 0:
+            raise ValueError(f"teacher {self.name!r}: scale must be a finite non-zero number")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """Where the teacher's weights come from: its source, or its LoRA file."""
+        return self.lora if self.lora is not None else str(self.source)
+
     @property
     def kind(self) -> SourceKind:
-        return source_kind(self.source)
+        return "lora" if self.lora is not None else source_kind(str(self.source))
 
 
 class TeacherManifest(BaseModel):
@@ -232,7 +263,8 @@ def load_manifest(path: Path, repo_root: Path | None = None) -> TeacherManifest:
     if repo_root is not None:
         sources = [("base", manifest.base)]
         sources += [
-            (f"teachers[{i}] ({t.name}) source", t.source) for i, t in enumerate(manifest.teachers)
+            (f"teachers[{i}] ({t.name}) {'lora' if t.lora else 'source'}", t.origin)
+            for i, t in enumerate(manifest.teachers)
         ]
         for what, source in sources:
             if is_local(source):

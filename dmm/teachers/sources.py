@@ -12,11 +12,13 @@ No source can make dmm run code: only known component classes are loaded and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 TEACHER_JSON = "teacher.json"
 CORE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-_WEIGHT_NAMES = {
+WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors"),
@@ -80,11 +82,11 @@ def _check_pin(entry: TeacherEntry, path: Path) -> str:
     return actual
 
 
-def _weights_in(folder: Path, comp: str) -> Path:
+def weights_in(folder: Path, comp: str) -> Path:
     from dmm.teachers.validate import _Problem, weights_file
 
     try:
-        return weights_file(folder / comp, _WEIGHT_NAMES[comp])
+        return weights_file(folder / comp, WEIGHT_NAMES[comp])
     except _Problem as exc:
         raise DmmError(f"{folder}: {exc}") from None
 
@@ -122,14 +124,9 @@ def read_checkpoint(path: Path, kind: str, allow_pickle: bool) -> dict[str, Any]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is several lines with terminal escapes; keep the line
-        # that names the offending object.
-        lines = [ln.strip() for ln in str(exc).splitlines()]
-        named = [ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln]
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", (named or lines or [""])[0])[:200]
         raise DmmError(
             f"{path}: refused by torch.load(weights_only=True): the pickle holds more than "
-            f"tensors ({reason})"
+            f"tensors ({unpickling_cause(exc)})"
         ) from None
     except (EOFError, RuntimeError, OSError, ValueError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
@@ -145,6 +142,25 @@ def read_checkpoint(path: Path, kind: str, allow_pickle: bool) -> dict[str, Any]
     if not tensors:
         raise DmmError(f"{path}: holds no tensors")
     return tensors
+
+
+def unpickling_cause(exc: Exception) -> str:
+    """The cause in torch's weights-only refusal, in a few words.
+
+    torch's message is a paragraph of advice with terminal escapes; the cause is
+    one sentence in it ("Unsupported global: GLOBAL getattr was not an allowed
+    global ..."), reduced here to what the pickle asked for.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if named:
+        return f"it asks for {named.group(1)}, not an allowed global"
+    for line in (ln.strip() for ln in text.splitlines()):
+        if line.startswith("WeightsUnpickler error:"):
+            # The first sentence names the cause; the rest is advice.
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0].rstrip(".")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")
 
 
 def _check_tensors(state: dict[str, Any], keys: list[str], where: Path, what: str) -> None:
@@ -180,27 +196,34 @@ def _write_index(src_index: dict[str, Any], dst: Path) -> None:
     (dst / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_component(src: Path, dst: Path, comp: str, repo_root: Path | None) -> None:
-    """Copy one component folder: configs and tokenizer files, and the one
-    safetensors weights file under its canonical (non-variant) name."""
+def _copy_component(
+    src: Path, dst: Path, comp: str, repo_root: Path | None, weights_too: bool = True
+) -> None:
+    """Copy one component folder: configs and tokenizer files, and (unless
+    ``weights_too`` is false) the one safetensors weights file under its
+    canonical (non-variant) name."""
     (dst / comp).mkdir(parents=True, exist_ok=True)
-    weights = _weights_in(src, comp) if comp in _WEIGHT_NAMES else None
+    weights = weights_in(src, comp) if comp in WEIGHT_NAMES else None
     for f in sorted((src / comp).iterdir()):
         if not f.is_file() or f.suffix in _PICKLE_SUFFIXES or f.suffix == ".py":
             continue
-        if f.suffix == ".safetensors" and f != weights:
+        if f.suffix == ".safetensors" and (f != weights or not weights_too):
             continue  # other variants (fp16 / non-EMA copies) are not needed
         if repo_root is not None:
             check_inside(f, repo_root, "file")
-        name = _WEIGHT_NAMES[comp][0] if f == weights else f.name
+        name = WEIGHT_NAMES[comp][0] if f == weights else f.name
         shutil.copyfile(f, dst / comp / name)
 
 
-def copy_pipeline(src: Path, dst: Path, repo_root: Path | None = None) -> None:
-    """The five SD components of ``src`` into ``dst`` (existing, empty)."""
+def copy_pipeline(
+    src: Path, dst: Path, repo_root: Path | None = None, without_weights: tuple[str, ...] = ()
+) -> None:
+    """The five SD components of ``src`` into ``dst`` (existing, empty); the
+    components in ``without_weights`` get their configs only (the caller writes
+    their weights)."""
     index = json.loads((src / "model_index.json").read_text())
     for comp in CORE_COMPONENTS:
-        _copy_component(src, dst, comp, repo_root)
+        _copy_component(src, dst, comp, repo_root, comp not in without_weights)
     _write_index(index, dst)
 
 
@@ -216,18 +239,22 @@ def convert_checkpoint(state: dict[str, Any], base_dir: Path, out: Path, where: 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dmm.student import export as X
-    from dmm.teachers.validate import SDXL, is_sdxl_keys
+    from dmm.teachers.validate import base_family, family_problem, keys_family, single_file_problem
     from dmm.zoo.autoencoder import PatchAutoencoder
 
-    if is_sdxl_keys({k: tuple(v.shape) for k, v in state.items()}):
-        raise DmmError(f"{where}: {SDXL}")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    problem = single_file_problem(shapes) or family_problem(
+        keys_family(shapes), base_family(base_dir)
+    )
+    if problem:
+        raise DmmError(f"{where}: {problem}")
     unet_keys = sorted(k for k in state if k.startswith(X.LDM_UNET))
     if not unet_keys:
         raise DmmError(f"{where}: no UNet weights (no {X.LDM_UNET}* keys): not an SD checkpoint")
     base_cfg = UNet2DConditionModel.load_config(base_dir, subfolder="unet")
     from safetensors import safe_open
 
-    with safe_open(str(_weights_in(base_dir, "unet")), framework="pt") as fh:
+    with safe_open(str(weights_in(base_dir, "unet")), framework="pt") as fh:
         base_shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     expected = {
         ldm: base_shapes[k] for k, ldm in X.unet_ldm_key_map(list(base_shapes), base_cfg).items()
@@ -341,6 +368,22 @@ def _hub_single_file(snapshot: Path, source: str) -> Path:
 # --- teachers --------------------------------------------------------------------------------
 
 
+def _check_files_inside(folder: Path, repo_root: Path, name: str) -> None:
+    """Every file a teacher folder's components hold resolves inside the project.
+
+    The folder itself may be inside while a weights file is a symlink to
+    elsewhere; checking and copying must read the same files, so both refuse it.
+    """
+    for comp in ("model_index.json", *CORE_COMPONENTS):
+        path = folder / comp
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                check_inside(f, repo_root, f"teacher {name!r} file")
+            except DmmError as exc:
+                raise DmmError(f"{folder}: {exc}") from None
+
+
 def prepare_teacher(
     entry: TeacherEntry,
     base_dir: Path,
@@ -353,7 +396,9 @@ def prepare_teacher(
 
     Folders are used in place; files are converted into ``scratch``.
     """
-    kind = source_kind(entry.source)
+    kind = entry.kind
+    if kind == "lora":
+        return _prepare_lora(entry, Path(base_dir), scratch, repo_root)
     what = f"teacher {entry.name!r} source"
     if kind in ("zoo", "diffusers"):
         folder = (
@@ -363,11 +408,13 @@ def prepare_teacher(
         )
         if not (folder / "model_index.json").is_file():
             raise DmmError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-        return folder, folder, _check_pin(entry, _weights_in(folder, "unet"))
+        if kind == "diffusers" and repo_root is not None:
+            _check_files_inside(folder, repo_root, entry.name)
+        return folder, folder, _check_pin(entry, weights_in(folder, "unet"))
     if kind == "hub":
         snapshot = download_hub(entry.source, entry.allow_pickle)
         if (snapshot / "model_index.json").is_file():
-            return snapshot, snapshot, _check_pin(entry, _weights_in(snapshot, "unet"))
+            return snapshot, snapshot, _check_pin(entry, weights_in(snapshot, "unet"))
         path, kind = _hub_single_file(snapshot, entry.source), "single_file"
     else:
         path = _local(entry.source, repo_root, what)
@@ -381,6 +428,26 @@ def prepare_teacher(
     return scratch, path, digest
 
 
+def _prepare_lora(
+    entry: TeacherEntry, base_dir: Path, scratch: Path, repo_root: Path | None
+) -> tuple[Path, Path, str]:
+    """The base with the entry's LoRA fused, in ``scratch``; the digest covers the
+    LoRA file, the base weights it was fused into and the scale."""
+    from dmm.teachers.lora import fuse_lora_teacher, lora_teacher_digest
+    from dmm.teachers.validate import base_family
+
+    path = _local(str(entry.lora), repo_root, f"teacher {entry.name!r} lora")
+    if not path.is_file():
+        raise DmmError(f"{path}: expected a LoRA file")
+    # Hash before unpickling, as for checkpoints.
+    lora_digest = _check_pin(entry, path)
+    scratch.mkdir(parents=True, exist_ok=True)
+    family = base_family(base_dir)
+    fuse_lora_teacher(path, entry.scale, entry.allow_pickle, base_dir, scratch, family)
+    base_files = [weights_in(base_dir, "unet"), weights_in(base_dir, "text_encoder")]
+    return scratch, path, lora_teacher_digest(lora_digest, base_files, entry.scale)
+
+
 def validate_prepared(folder: Path, base_dir: Path, name: str, where: Path) -> dict[str, Any]:
     """``check_teacher`` facts, or a DmmError naming the user's source ``where``
     (not the converted or staged copy) and every problem."""
@@ -390,6 +457,24 @@ def validate_prepared(folder: Path, base_dir: Path, name: str, where: Path) -> d
     if problems:
         raise DmmError(f"{where}: teacher {name!r}: {'; '.join(problems)}")
     return facts
+
+
+@contextlib.contextmanager
+def _no_new_empty_folders(folder: Path) -> Iterator[None]:
+    """On failure, remove the folders up to ``folder`` that this call created and
+    that are still empty: a refused teacher leaves no trace, not even its parent."""
+    made = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        made.append(p)
+    try:
+        yield
+    except BaseException:
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 def materialize_teacher(
@@ -407,13 +492,13 @@ def materialize_teacher(
     Nothing appears at ``out_dir`` unless every check passed, and a failed run
     leaves a previous ``out_dir`` untouched.
     """
-    from dmm.teachers.validate import describe, layout_problem
+    from dmm.teachers.validate import describe, folder_problem
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not TEACHER_NAME_RE.match(entry.name):
         raise DmmError(f"invalid teacher name {entry.name!r}")
-    kind = source_kind(entry.source)
-    with atomic_dir(out_dir) as tmp:
+    kind = entry.kind
+    with _no_new_empty_folders(out_dir.parent), atomic_dir(out_dir) as tmp:
         scratch = tmp / ".convert"
         folder, where, source_digest = prepare_teacher(
             entry, base_dir, scratch, zoo_dir=zoo_dir, repo_root=repo_root
@@ -425,7 +510,7 @@ def materialize_teacher(
         else:
             if folder.resolve() == out_dir.resolve():
                 raise DmmError(f"{out_dir}: the output folder is the teacher's own source")
-            problem = layout_problem(folder)
+            problem = folder_problem(folder, base_dir)
             if problem:
                 raise DmmError(f"{where}: teacher {entry.name!r}: {problem}")
             copy_pipeline(folder, tmp, repo_root if kind == "diffusers" else None)
@@ -433,7 +518,7 @@ def materialize_teacher(
         facts = validate_prepared(tmp, base_dir, entry.name, where)
         meta = {
             "name": entry.name,
-            "source": entry.source,
+            "source": entry.origin,
             "kind": kind,
             "sha256": _sha256(tmp / facts["unet_file"]),
             "source_sha256": source_digest,
@@ -445,8 +530,10 @@ def materialize_teacher(
             "unet_changed_tensors": facts["unet_changed_tensors"],
             "detail": describe(facts),
         }
+        if entry.lora is not None:
+            meta["lora_scale"] = entry.scale
         (tmp / TEACHER_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("teacher %s: %s -> %s", entry.name, entry.source, out_dir)
+    log.info("teacher %s: %s -> %s", entry.name, entry.origin, out_dir)
     return meta
 
 

@@ -22,7 +22,6 @@ from typing import Any
 from dmm.atomic import DmmError
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-SDXL = "SDXL checkpoint offered against an SD1.5 base"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _CLASSES: dict[str, set[tuple[str, str]]] = {
     "unet": {("diffusers", "UNet2DConditionModel")},
@@ -133,14 +132,107 @@ def is_sdxl_config(index: Mapping[str, Any], unet_cfg: Mapping[str, Any]) -> boo
     )
 
 
-def is_sdxl_keys(shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """SDXL's tell-tales in an LDM single file or a diffusers state dict."""
+# --- families ----------------------------------------------------------------------------------
+# A teacher must be of its base's family. SDXL is recognised (folders, original
+# single files, the refiner) so that it is refused by name, in both directions,
+# before anything is converted.
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
+# Width of SDXL's added (text_time) embedding input: the pooled text embedding
+# (1280) plus six size/crop time ids x 256; the refiner has five (an aesthetic
+# score replaces the target size).
+SDXL_ADM = 2816
+REFINER_ADM = 2560
+REFINER = (
+    "SDXL refiner offered as a teacher: a refiner only denoises the last low-noise steps "
+    "(no first text encoder, aesthetic-score conditioning), so it cannot teach a whole sampling run"
+)
+MISSING_TEXT_ENCODER_2 = (
+    "SDXL single file without its second text encoder (no conditioner.embedders.1.* keys)"
+)
+_ADM_KEYS = ("model.diffusion_model.label_emb.0.0.weight", "add_embedding.linear_1.weight")
+
+
+def config_family(index: Mapping[str, Any], unet_cfg: Mapping[str, Any]) -> str:
+    """sd15, sdxl or sdxl-refiner, from a folder's model_index.json and UNet config."""
+    refiner = (
+        index.get("requires_aesthetics_score") is True
+        or (_present(index.get("text_encoder_2")) and not _present(index.get("text_encoder")))
+        or unet_cfg.get("projection_class_embeddings_input_dim") == REFINER_ADM
+        and unet_cfg.get("addition_embed_type") == "text_time"
+    )
+    if refiner:
+        return "sdxl-refiner"
+    return "sdxl" if is_sdxl_config(index, unet_cfg) else "sd15"
+
+
+def keys_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """sd15, sdxl or sdxl-refiner, from the keys and shapes of a state dict.
+
+    SDXL's added embedding (LDM ``label_emb``, diffusers ``add_embedding``) is
+    told by its input width: a dmm student stores its style MLP under
+    ``label_emb`` too, at the timestep width.
+    """
+    for key in _ADM_KEYS:
+        shape = shapes.get(key)
+        if shape is not None and len(shape) == 2 and shape[1] in (SDXL_ADM, REFINER_ADM):
+            return "sdxl-refiner" if shape[1] == REFINER_ADM else "sdxl"
+    # The refiner's only text encoder is OpenCLIP bigG, at index 0.
+    if any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+        return "sdxl-refiner"
     for key, shape in shapes.items():
         if key.startswith("conditioner.embedders.") or "add_embedding." in key:
-            return True
+            return "sdxl"
         if key.endswith("attn2.to_k.weight") and len(shape) == 2 and shape[1] == 2048:
-            return True
-    return False
+            return "sdxl"
+    return "sd15"
+
+
+def single_file_problem(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What makes an SDXL single file unusable as a teacher on any base."""
+    family = keys_family(shapes)
+    if family == "sdxl-refiner":
+        return REFINER
+    encoders = {k.split(".")[2] for k in shapes if k.startswith("conditioner.embedders.")}
+    if family == "sdxl" and encoders and "1" not in encoders:
+        return MISSING_TEXT_ENCODER_2
+    return None
+
+
+def family_problem(teacher: str, base: str) -> str | None:
+    """Why a teacher of ``teacher``'s family cannot be merged on a ``base`` one."""
+    if teacher == "sdxl-refiner":
+        return REFINER
+    if base == "sdxl-refiner":
+        return "the base is an SDXL refiner; give the SDXL base model"
+    if teacher != base:
+        return f"{FAMILY_NAMES[teacher]} checkpoint offered against an {FAMILY_NAMES[base]} base"
+    if base != "sd15":
+        return f"{FAMILY_NAMES[base]} teachers and bases are not supported yet"
+    return None
+
+
+def folder_family(folder: Path) -> str:
+    """The family of a pipeline folder (its model_index.json and UNet config)."""
+    index = _read_json(Path(folder) / "model_index.json")
+    unet = Path(folder) / "unet" / "config.json"
+    return config_family(index, _read_json(unet) if unet.is_file() else {})
+
+
+def base_family(base_dir: Path) -> str:
+    try:
+        return folder_family(base_dir)
+    except _Problem as exc:
+        raise DmmError(f"{base_dir}: the base is not a usable pipeline folder: {exc}") from None
+
+
+def folder_problem(folder: Path, base_dir: Path) -> str | None:
+    """Family, then layout, problems of a teacher folder against the base."""
+    try:
+        problem = family_problem(folder_family(folder), base_family(base_dir))
+    except _Problem as exc:
+        return str(exc)
+    return problem or layout_problem(folder)
 
 
 def _spec(handle: Any, key: str) -> tuple[str, tuple[int, ...]]:
@@ -175,8 +267,11 @@ def compare_weights(teacher_file: Path, base_file: Path, what: str) -> tuple[lis
     with _open(teacher_file) as t, _open(base_file) as b:
         t_specs = {k: _spec(t, k) for k in t.keys()}
         b_specs = {k: _spec(b, k) for k in b.keys()}
-        if what == "UNet" and is_sdxl_keys({k: s for k, (_, s) in t_specs.items()}):
-            raise _Problem(SDXL)
+        if what == "UNet":
+            found = keys_family({k: s for k, (_, s) in t_specs.items()})
+            problem = family_problem(found, "sd15")
+            if problem:
+                raise _Problem(problem)
         missing = sorted(set(b_specs) - set(t_specs))
         extra = sorted(set(t_specs) - set(b_specs))
         shapes = [
@@ -225,7 +320,7 @@ def _check_index(folder: Path) -> dict:
     problems: list[str] = []
     cls = str(index.get("_class_name"))
     if "XL" in cls or _present(index.get("text_encoder_2")):
-        raise _Problem(SDXL)
+        raise _Problem(str(family_problem("sdxl", "sd15")))
     if cls != "StableDiffusionPipeline":
         problems.append(f"pipeline class {cls} is not a StableDiffusionPipeline")
     for comp in COMPONENTS:
@@ -266,7 +361,6 @@ def check_teacher(teacher_dir: Path, base_dir: Path) -> tuple[dict[str, Any], li
     teacher_dir, base_dir = Path(teacher_dir), Path(base_dir)
     facts: dict[str, Any] = {}
     try:
-        base_index = _read_json(base_dir / "model_index.json")
         base_unet_cfg = _read_json(base_dir / "unet" / "config.json")
         base_vae_cfg = _read_json(base_dir / "vae" / "config.json")
         base_sched = _read_json(base_dir / "scheduler" / "scheduler_config.json")
@@ -276,16 +370,13 @@ def check_teacher(teacher_dir: Path, base_dir: Path) -> tuple[dict[str, Any], li
         raise DmmError(f"{base_dir}: the base is not a usable pipeline folder: {exc}") from None
     if not teacher_dir.is_dir():
         return facts, [f"not a folder: {teacher_dir}"]
-    try:
-        index = _check_index(teacher_dir)
-    except _Problem as exc:
-        return facts, [str(exc)]
+    problem = folder_problem(teacher_dir, base_dir)
+    if problem:
+        return facts, [problem]
     problems: list[str] = []
 
     try:
         unet_cfg = _read_json(teacher_dir / "unet" / "config.json")
-        if is_sdxl_config(index, unet_cfg) and not is_sdxl_config(base_index, base_unet_cfg):
-            return facts, [SDXL]
         diff = config_diff(unet_cfg, base_unet_cfg, _defaults(UNet2DConditionModel))
         if diff:
             problems.append(f"UNet architecture differs: {_listing(diff)}")

@@ -45,7 +45,7 @@ def teacher_manifest(context: dg.AssetExecutionContext, project: ProjectResource
     sha = project.manifest_sha256()
     table = md_table(
         ["teacher", "source", "pinned sha256", "allow_pickle"],
-        [(t.name, t.source, t.sha256 or "-", t.allow_pickle) for t in manifest.teachers],
+        [(t.name, t.origin, t.sha256 or "-", t.allow_pickle) for t in manifest.teachers],
     )
     return dg.MaterializeResult(
         metadata={
