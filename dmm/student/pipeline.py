@@ -1,10 +1,11 @@
 """``DMMStudentPipeline``: Stable Diffusion plus a style codebook and a ``style=`` argument.
 
 Everything except style selection is inherited from ``StableDiffusionPipeline``
-(prompt encoding, CFG, schedulers, LoRA loading, offloading). During a call a
-forward pre-hook on the UNet fills in ``class_labels`` with the style
-embedding, sized to whatever batch the UNet actually sees, so the parent's
-denoising loop needs no change.
+(prompt encoding, CFG, schedulers, LoRA loading, offloading). During a call the
+style MLP runs once, and a forward pre-hook on the UNet hands its output to
+every denoising step, sized to whatever batch the UNet actually sees, so the
+parent's denoising loop needs no change and each step costs what the base
+UNet's does.
 """
 
 from __future__ import annotations
@@ -112,29 +113,45 @@ class DMMStudentPipeline(StableDiffusionPipeline):
         per_prompt = bound.arguments.get("num_images_per_prompt") or 1
         # Resolve before any work, so a bad style fails fast with a clear message.
         emb = self._style_embeddings(style, num_prompts, per_prompt)
+        # The style MLP's output is the same at every denoising step: compute it
+        # once per call and hand the UNet that output, with the MLP swapped for
+        # an identity until the call ends. Per step the student then costs the
+        # teacher's UNet plus one (B, D) addition.
+        mlp = self.unet.class_embedding
+        weight = mlp.linear_1.weight
+        offsets = mlp(emb.to(device=weight.device, dtype=weight.dtype))
+        per_batch: dict[tuple, torch.Tensor] = {}
 
         def add_style(_module, h_args, h_kwargs):
             sample = h_args[0] if h_args else h_kwargs["sample"]
-            batch = sample.shape[0]
-            labels = emb
-            if labels.shape[0] == 1:
-                labels = labels.expand(batch, -1)
-            elif batch == 2 * labels.shape[0]:
-                # Classifier-free guidance runs [uncond, cond] in one batch: the
-                # same style conditions both halves.
-                labels = torch.cat([labels, labels])
-            elif batch != labels.shape[0]:
-                raise RuntimeError(f"UNet batch {batch} does not fit {labels.shape[0]} styles")
-            h_kwargs["class_labels"] = labels.to(
-                device=sample.device, dtype=self.unet.class_embedding.linear_1.weight.dtype
-            )
+            key = (sample.shape[0], sample.device, sample.dtype)
+            if key not in per_batch:
+                per_batch[key] = _fit_batch(offsets, sample.shape[0]).to(
+                    device=sample.device, dtype=sample.dtype
+                )
+            h_kwargs["class_labels"] = per_batch[key]
             return h_args, h_kwargs
 
         handle = self.unet.register_forward_pre_hook(add_style, with_kwargs=True)
+        self.unet.class_embedding = torch.nn.Identity()
         try:
             return super().__call__(*args, **kwargs)
         finally:
+            self.unet.class_embedding = mlp
             handle.remove()
+
+
+def _fit_batch(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Style rows for a UNet batch: one row shared, or [uncond, cond] halves under CFG."""
+    if rows.shape[0] == 1:
+        return rows.expand(batch, -1)
+    if batch == 2 * rows.shape[0]:
+        # Classifier-free guidance runs [uncond, cond] in one batch: the same
+        # style conditions both halves.
+        return torch.cat([rows, rows])
+    if batch != rows.shape[0]:
+        raise RuntimeError(f"UNet batch {batch} does not fit {rows.shape[0]} styles")
+    return rows
 
 
 def _check_codebook_fits(unet: Any, codebook: StyleCodebook) -> None:
