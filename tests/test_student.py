@@ -386,19 +386,21 @@ def test_pipeline_cfg_conditions_both_halves(pipe):
         _gen(pipe, style="sepia", guidance_scale=3.0)
         e = pipe.style_codebook.vectors.detach()
         with torch.no_grad():
-            out = {i: mlp(e[i][None]) for i in range(3)}
-            per_image = mlp(torch.stack([e[1], e[1], e[0], e[0]]))
+            cfg_sepia = mlp(e[2][None].expand(2, -1))
+            per_image = torch.stack([e[1], e[1], e[0], e[0]])
+            cfg_per_image = mlp(torch.cat([per_image, per_image]))
+            pastel = mlp(e[0][None])
         assert len(seen) == GEN["num_inference_steps"]
         for labels in seen:
-            assert torch.equal(labels, out[2].expand(2, -1))  # [uncond, cond]
+            assert torch.equal(labels, cfg_sepia)  # [uncond, cond]
 
         seen.clear()
         _gen(pipe, PROMPTS, style=["neon", "pastel"], guidance_scale=3.0, num_images_per_prompt=2)
-        assert torch.equal(seen[0], torch.cat([per_image, per_image]))
+        assert torch.equal(seen[0], cfg_per_image)
 
         seen.clear()
         _gen(pipe, style="pastel", guidance_scale=1.0)  # no CFG: a batch of one
-        assert torch.equal(seen[0], out[0])
+        assert torch.equal(seen[0], pastel)
     finally:
         handle.remove()
 

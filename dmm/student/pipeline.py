@@ -71,6 +71,11 @@ class DMMStudentPipeline(StableDiffusionPipeline):
     def style_names(self) -> list[str]:
         return self.style_codebook.style_names
 
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' save, plus the folder's own code (``dmm_student.py``) and model card."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _write_folder_extras(self, Path(save_directory))
+
     def _style_embeddings(
         self, style: StyleBatchSpec, num_prompts: int | None, per_prompt: int
     ) -> torch.Tensor:
@@ -114,21 +119,20 @@ class DMMStudentPipeline(StableDiffusionPipeline):
         # Resolve before any work, so a bad style fails fast with a clear message.
         emb = self._style_embeddings(style, num_prompts, per_prompt)
         # The style MLP's output is the same at every denoising step: compute it
-        # once per call and hand the UNet that output, with the MLP swapped for
-        # an identity until the call ends. Per step the student then costs the
-        # teacher's UNet plus one (B, D) addition.
+        # once per call (at the first step, on the rows that step's batch needs,
+        # so the numbers are those of a per-step MLP) and hand the UNet that
+        # output, with the MLP swapped for an identity until the call ends. Per
+        # step the student then costs the teacher's UNet plus one (B, D) addition.
         mlp = self.unet.class_embedding
         weight = mlp.linear_1.weight
-        offsets = mlp(emb.to(device=weight.device, dtype=weight.dtype))
         per_batch: dict[tuple, torch.Tensor] = {}
 
         def add_style(_module, h_args, h_kwargs):
             sample = h_args[0] if h_args else h_kwargs["sample"]
             key = (sample.shape[0], sample.device, sample.dtype)
             if key not in per_batch:
-                per_batch[key] = _fit_batch(offsets, sample.shape[0]).to(
-                    device=sample.device, dtype=sample.dtype
-                )
+                rows = _fit_batch(emb, sample.shape[0]).to(device=weight.device, dtype=weight.dtype)
+                per_batch[key] = mlp(rows).to(device=sample.device, dtype=sample.dtype)
             h_kwargs["class_labels"] = per_batch[key]
             return h_args, h_kwargs
 
@@ -152,6 +156,14 @@ def _fit_batch(rows: torch.Tensor, batch: int) -> torch.Tensor:
     if batch != rows.shape[0]:
         raise RuntimeError(f"UNet batch {batch} does not fit {rows.shape[0]} styles")
     return rows
+
+
+def _write_folder_extras(pipe: DMMStudentPipeline, folder: Path) -> None:
+    # dmm generates the shipped module and the card; the shipped copy of this
+    # module replaces this function with one that copies its own file.
+    from dmm.student.remote import write_folder_extras
+
+    write_folder_extras(pipe, folder)
 
 
 def _check_codebook_fits(unet: Any, codebook: StyleCodebook) -> None:
