@@ -112,6 +112,7 @@ def test_partial_seed_and_steps_columns_take_the_params():
         ({"prompt": ["a"], "style": ["neon"]}, {"guidance_scale": -1.0}, "guidance_scale"),
         ({"prompt": ["a"], "style": ["nope"]}, None, "unknown style 'nope'"),
         ({"prompt": ["a"], "style": ["neon"], "seed": [1.5]}, None, "whole number"),
+        ({"prompt": ["a"], "style": ["neon"], "steps": ["many"]}, None, "steps must be a number"),
         ({"prompt": ["a"]}, None, "missing column"),
         ({"prompt": ["a"] * (MAX_IMAGES + 1), "style": ["neon"] * (MAX_IMAGES + 1)}, None,
          f"rows per request must be in 1..{MAX_IMAGES}, got {MAX_IMAGES + 1}"),
@@ -130,6 +131,7 @@ def test_signature_has_a_params_schema():
         "guidance_scale": 3.0,
     }
     assert not any(c.required for c in sig.inputs.inputs if c.name in ("seed", "steps"))
+    assert sig.params.params[0].dtype.name == "long"
 
 
 # --- the logged pyfunc model -------------------------------------------------------------
@@ -150,6 +152,12 @@ def test_batched_request_equals_one_row_at_a_time(model):
     for b, s in zip(batched, single, strict=True):
         assert int((pixels(b) - pixels(s)).abs().max()) <= 1  # one 8-bit level at most
     assert batched[0] != batched[1]
+
+
+def test_whole_int_columns_still_pass_the_schema(model):
+    # Clients that send every row's seed and steps as JSON integers (int64 columns).
+    frame = pd.DataFrame({"prompt": ["a"], "style": ["neon"], "seed": [3], "steps": [2]})
+    assert len(model.predict(frame)["image"][0]) > 100
 
 
 def test_a_bad_request_is_an_invalid_parameter_error(model):

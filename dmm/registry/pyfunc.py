@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +36,20 @@ _INT_PARAMS = ("seed", "steps")
 def model_signature():
     """Inputs, outputs and the ``params`` schema (request-wide settings with defaults).
 
-    ``seed`` and ``steps`` columns are doubles so that a column only some rows
-    fill (JSON null / NaN elsewhere) passes MLflow's schema check; ``predict``
-    requires whole numbers.
+    The per-row setting columns are untyped (``AnyType``): pandas makes a column
+    that only some rows fill float (NaN elsewhere) and a full one int, and
+    MLflow casts neither into the other. ``predict`` checks their values.
     """
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema(
         [
             ColSpec("string", "prompt"),
             ColSpec("string", "style"),
-            ColSpec("double", "seed", required=False),
-            ColSpec("double", "steps", required=False),
-            ColSpec("double", "guidance_scale", required=False),
+            ColSpec(AnyType(), "seed", required=False),
+            ColSpec(AnyType(), "steps", required=False),
+            ColSpec(AnyType(), "guidance_scale", required=False),
         ]
     )
     params = ParamSchema(
@@ -95,6 +96,8 @@ def _setting(row: pd.Series, column: str, defaults: dict[str, Any]) -> Any:
     value = row.get(column, None)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return defaults[column]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{column} must be a number, got {value!r}")
     if column in _INT_PARAMS:
         if float(value) != int(value):
             raise ValueError(f"{column} must be a whole number, got {value}")
