@@ -123,6 +123,15 @@ def test_bad_requests_name_the_problem(frame, params, message):
         plan_request(pd.DataFrame(frame), params, _resolve())
 
 
+def test_input_example_is_a_valid_request():
+    from dmm.registry.pyfunc import input_example
+
+    frame, params = input_example(STYLES)
+    groups = plan_request(frame, params, _resolve())
+    assert [rows for _, rows, _, _, _ in groups] == [[0, 1]]
+    assert set(params) == {p.name for p in model_signature().params.params}
+
+
 def test_signature_has_a_params_schema():
     sig = model_signature()
     assert {p.name: p.default for p in sig.params.params} == {
