@@ -136,3 +136,12 @@ def test_plain_diffusers_without_dmm_loads_the_folder_and_style_works(student_di
         want = pipe("a red circle", style=style, generator=torch.Generator().manual_seed(0), **GEN)
         assert torch.equal(remote[name], want.images), name
     assert not torch.equal(remote["neon"], remote["mix"])
+
+
+def test_retired_copy_gets_a_card_of_its_own_styles(student_dir, tmp_path):
+    from dmm.student.edit import retire_styles
+
+    out = retire_styles(student_dir, ["neon"], tmp_path / "retired")
+    card = (out / "README.md").read_text()
+    assert "Styles: `pastel`, `sepia`" in card and "`neon`" not in card
+    assert (out / REMOTE_FILE).read_text() == remote_code_source()
