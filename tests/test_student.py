@@ -374,29 +374,61 @@ def test_pipeline_generates_by_name_index_and_dict(pipe):
 
 
 def test_pipeline_cfg_conditions_both_halves(pipe):
+    """The UNet gets the style MLP's output for the right style in both CFG halves."""
     seen: list[torch.Tensor] = []
 
     def record(_module, _args, kwargs, _output):
         seen.append(kwargs["class_labels"].clone())
 
+    mlp = pipe.unet.class_embedding
     handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
     try:
         _gen(pipe, style="sepia", guidance_scale=3.0)
         e = pipe.style_codebook.vectors.detach()
+        with torch.no_grad():
+            cfg_sepia = mlp(e[2][None].expand(2, -1))
+            per_image = torch.stack([e[1], e[1], e[0], e[0]])
+            cfg_per_image = mlp(torch.cat([per_image, per_image]))
+            pastel = mlp(e[0][None])
         assert len(seen) == GEN["num_inference_steps"]
         for labels in seen:
-            assert torch.equal(labels, e[2].expand(2, -1))  # [uncond, cond]
+            assert torch.equal(labels, cfg_sepia)  # [uncond, cond]
 
         seen.clear()
         _gen(pipe, PROMPTS, style=["neon", "pastel"], guidance_scale=3.0, num_images_per_prompt=2)
-        per_image = torch.stack([e[1], e[1], e[0], e[0]])
-        assert torch.equal(seen[0], torch.cat([per_image, per_image]))
+        assert torch.equal(seen[0], cfg_per_image)
 
         seen.clear()
         _gen(pipe, style="pastel", guidance_scale=1.0)  # no CFG: a batch of one
-        assert torch.equal(seen[0], e[0][None])
+        assert torch.equal(seen[0], pastel)
     finally:
         handle.remove()
+
+
+def test_style_mlp_runs_once_per_call_and_is_restored(pipe):
+    """The style embedding is constant over the steps, so it is computed once per call."""
+    mlp = pipe.unet.class_embedding
+    calls: list[int] = []
+    handle = mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        _gen(pipe, style="neon", guidance_scale=3.0)
+        assert GEN["num_inference_steps"] > 1 and len(calls) == 1
+
+        def boom(*_args):
+            assert isinstance(pipe.unet.class_embedding, torch.nn.Identity)
+            raise RuntimeError("stopped mid-call")
+
+        with pytest.raises(RuntimeError, match="stopped mid-call"):
+            _gen(pipe, style="neon", callback_on_step_end=boom)
+    finally:
+        handle.remove()
+    assert pipe.unet.class_embedding is mlp
+    # Outside a call the UNet is the student's own: its style MLP runs per forward.
+    x, t, text = _inputs(size=16)
+    labels = pipe.style_codebook.embed("neon", 2)
+    with torch.no_grad():
+        direct = pipe.unet(x, t, text, class_labels=labels).sample
+    assert direct.shape == x.shape
 
 
 def test_pipeline_per_prompt_styles_match_single_calls(pipe):

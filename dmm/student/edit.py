@@ -35,6 +35,10 @@ def retire_styles(student_dir: Path, names: list[str], out_dir: Path) -> Path:
         shutil.copytree(student_dir, tmp, dirs_exist_ok=True)
         shutil.rmtree(tmp / "style_codebook")
         kept.save_pretrained(tmp / "style_codebook")
+        if (tmp / "README.md").is_file():  # the card lists the styles
+            from dmm.student.card import model_card
+
+            (tmp / "README.md").write_text(model_card(styles=kept.style_names))
         lineage_file = tmp / LINEAGE
         lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
         lineage.update(

@@ -270,13 +270,18 @@ def _component_entries(
 
 
 def export_single_file(
-    pipeline_dir: Path | str, out_file: Path | str, *, dtype: str | None = None
+    pipeline_dir: Path | str,
+    out_file: Path | str,
+    *,
+    dtype: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write ``pipeline_dir`` (a student folder, or a plain SD pipeline folder) as one
     LDM-layout safetensors file; returns the ``dmm`` metadata written.
 
     ``dtype`` ("fp32", "fp16", "bf16") casts floating weights; None keeps them as
-    stored, which is what makes ``import_single_file`` exact.
+    stored, which is what makes ``import_single_file`` exact. ``progress`` shows a
+    tqdm bar over the tensors written.
     """
     import contextlib
 
@@ -365,7 +370,9 @@ def export_single_file(
         metadata = {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
         with atomic_file(out, "wb") as fh:
             writer = SafetensorsWriter(fh, specs, metadata)
-            for e in entries:
+            from tqdm.auto import tqdm
+
+            for e in tqdm(entries, desc="export", unit="tensor", disable=not progress):
                 writer.write(e.name, e.load())
     return info
 

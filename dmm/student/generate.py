@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dmm.atomic import DmmError, atomic_file
+from dmm.student.limits import DEFAULTS, check_count, check_guidance, check_steps
 
 
 def parse_style(text: str):
@@ -79,11 +80,17 @@ def generate_images(
     out_dir: Path,
     seed: int = 0,
     num_images: int = 1,
-    steps: int = 20,
-    guidance_scale: float = 3.0,
+    steps: int = DEFAULTS["steps"],
+    guidance_scale: float = DEFAULTS["guidance_scale"],
     grid: bool = False,
     grid_scale: int = 3,
 ) -> list[Path]:
+    """Write PNGs (or one grid); the served model's bounds apply, checked before loading."""
+    check_steps(steps)
+    check_guidance(guidance_scale)
+    check_count(num_images, "--num-images")
+    if not prompts:
+        raise DmmError("give at least one prompt")
     pipe = load_student_pipeline(student_dir)
     if not styles:
         if not grid:

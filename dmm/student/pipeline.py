@@ -1,10 +1,11 @@
 """``DMMStudentPipeline``: Stable Diffusion plus a style codebook and a ``style=`` argument.
 
 Everything except style selection is inherited from ``StableDiffusionPipeline``
-(prompt encoding, CFG, schedulers, LoRA loading, offloading). During a call a
-forward pre-hook on the UNet fills in ``class_labels`` with the style
-embedding, sized to whatever batch the UNet actually sees, so the parent's
-denoising loop needs no change.
+(prompt encoding, CFG, schedulers, LoRA loading, offloading). During a call the
+style MLP runs once, and a forward pre-hook on the UNet hands its output to
+every denoising step, sized to whatever batch the UNet actually sees, so the
+parent's denoising loop needs no change and each step costs what the base
+UNet's does.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class DMMStudentPipeline(StableDiffusionPipeline):
     def style_names(self) -> list[str]:
         return self.style_codebook.style_names
 
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' save, plus the folder's own code (``dmm_student.py``) and model card."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _write_folder_extras(self, Path(save_directory))
+
     def _style_embeddings(
         self, style: StyleBatchSpec, num_prompts: int | None, per_prompt: int
     ) -> torch.Tensor:
@@ -105,9 +111,7 @@ class DMMStudentPipeline(StableDiffusionPipeline):
         if style_regions is not None:
             if style is not None:
                 raise ValueError("give style= or style_regions=, not both")
-            from dmm.student.regional import call_with_regions
-
-            return call_with_regions(self, style_regions, *args, **kwargs)
+            return _regional().call_with_regions(self, style_regions, *args, **kwargs)
         if style is None:
             raise ValueError(f"style= is required; known styles: {', '.join(self.style_names)}")
         bound = _PARENT_CALL.bind(self, *args, **kwargs)
@@ -125,29 +129,52 @@ class DMMStudentPipeline(StableDiffusionPipeline):
         per_prompt = bound.arguments.get("num_images_per_prompt") or 1
         # Resolve before any work, so a bad style fails fast with a clear message.
         emb = self._style_embeddings(style, num_prompts, per_prompt)
+        # The style MLP's output is the same at every denoising step: compute it
+        # once per call (at the first step, on the rows that step's batch needs,
+        # so the numbers are those of a per-step MLP) and hand the UNet that
+        # output, with the MLP swapped for an identity until the call ends. Per
+        # step the student then costs the teacher's UNet plus one (B, D) addition.
+        mlp = self.unet.class_embedding
+        weight = mlp.linear_1.weight
+        per_batch: dict[tuple, torch.Tensor] = {}
 
         def add_style(_module, h_args, h_kwargs):
             sample = h_args[0] if h_args else h_kwargs["sample"]
-            batch = sample.shape[0]
-            labels = emb
-            if labels.shape[0] == 1:
-                labels = labels.expand(batch, -1)
-            elif batch == 2 * labels.shape[0]:
-                # Classifier-free guidance runs [uncond, cond] in one batch: the
-                # same style conditions both halves.
-                labels = torch.cat([labels, labels])
-            elif batch != labels.shape[0]:
-                raise RuntimeError(f"UNet batch {batch} does not fit {labels.shape[0]} styles")
-            h_kwargs["class_labels"] = labels.to(
-                device=sample.device, dtype=self.unet.class_embedding.linear_1.weight.dtype
-            )
+            key = (sample.shape[0], sample.device, sample.dtype)
+            if key not in per_batch:
+                rows = _fit_batch(emb, sample.shape[0]).to(device=weight.device, dtype=weight.dtype)
+                per_batch[key] = mlp(rows).to(device=sample.device, dtype=sample.dtype)
+            h_kwargs["class_labels"] = per_batch[key]
             return h_args, h_kwargs
 
         handle = self.unet.register_forward_pre_hook(add_style, with_kwargs=True)
+        self.unet.class_embedding = torch.nn.Identity()
         try:
             return super().__call__(*args, **kwargs)
         finally:
+            self.unet.class_embedding = mlp
             handle.remove()
+
+
+def _fit_batch(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Style rows for a UNet batch: one row shared, or [uncond, cond] halves under CFG."""
+    if rows.shape[0] == 1:
+        return rows.expand(batch, -1)
+    if batch == 2 * rows.shape[0]:
+        # Classifier-free guidance runs [uncond, cond] in one batch: the same
+        # style conditions both halves.
+        return torch.cat([rows, rows])
+    if batch != rows.shape[0]:
+        raise RuntimeError(f"UNet batch {batch} does not fit {rows.shape[0]} styles")
+    return rows
+
+
+def _write_folder_extras(pipe: DMMStudentPipeline, folder: Path) -> None:
+    # dmm generates the shipped module and the card; the shipped copy of this
+    # module replaces this function with one that copies its own file.
+    from dmm.student.remote import write_folder_extras
+
+    write_folder_extras(pipe, folder)
 
 
 def _check_codebook_fits(unet: Any, codebook: StyleCodebook) -> None:
@@ -186,3 +213,14 @@ def build_student_pipeline(
         image_encoder=getattr(base, "image_encoder", None),
         requires_safety_checker=bool(base.config.get("requires_safety_checker", False)),
     )
+
+
+def _regional():
+    """dmm's regional sampler, by name: the copy of this module that a student folder ships
+    for plain diffusers (dmm/student/remote.py) holds no dmm import, and supports ``style=``."""
+    import importlib
+
+    try:
+        return importlib.import_module("dmm.student.regional")
+    except ImportError:
+        raise ValueError("style_regions= needs the dmm package installed") from None

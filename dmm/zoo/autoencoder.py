@@ -4,8 +4,8 @@ A tiny AutoencoderKL trained for minutes on 2 cores decodes grey blurs, which
 destroys exactly the colour styles the zoo exists to show. A PCA over image
 patches fits in seconds, reconstructs flat-colour scenes well, and is exactly
 invertible on its span. It is a diffusers ModelMixin, so a pipeline folder that
-names ``["dmm", "PatchAutoencoder"]`` loads it through diffusers whenever dmm is
-importable.
+names ``["dmm", "PatchAutoencoder"]`` loads it through diffusers once ``dmm`` is
+imported (or through the folder's own ``dmm_student.py``, see dmm/student/remote.py).
 """
 
 from __future__ import annotations
