@@ -74,7 +74,7 @@ def save_student_model(student_dir: Path, dest: Path, styles: list[str], sha: st
     """Write an MLflow pyfunc model folder for ``student_dir`` at ``dest``."""
     import mlflow.pyfunc
 
-    from dmm.registry.pyfunc import STUDENT_ARTIFACT, model_signature
+    from dmm.registry.pyfunc import STUDENT_ARTIFACT, input_example, model_signature
     from dmm.registry.requirements import pinned_requirements
 
     code = _dmm_source_snapshot(dest.parent / "code")
@@ -86,6 +86,8 @@ def save_student_model(student_dir: Path, dest: Path, styles: list[str], sha: st
         code_paths=[str(code)],
         pip_requirements=pinned_requirements(),
         signature=model_signature(),
+        # MLflow checks the example against the model once, here, and shows it to users.
+        input_example=input_example(styles),
         metadata={"styles": styles, SHA_TAG: sha},
     )
     return dest

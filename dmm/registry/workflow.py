@@ -248,11 +248,43 @@ def register_merge(
         {names.GATE_TAG: "passed" if passed else "failed", names.GATE_SUMMARY_TAG: summary[:4000]},
     )
     tracking.finish_run(client, run["run_id"])
+    card = version_card(root, plan, registered, results, summary)
+    client.update_model_version(registered.name, registered.version, description=card)
     record = {"name": registered.name, "version": registered.version, "alias": registered.alias}
     write_text_atomic(root / layout.STUDENT / names.REGISTERED_FILE, json.dumps(record, indent=2))
     if registered.alias == CHAMPION:
         promote(root, student, registered.student_sha256, record)
     return registered, passed, summary
+
+
+def version_card(root: Path, plan, registered, results: dict, summary: str) -> str:
+    """The model card of a registered version (its description in the registry)."""
+    from dmm.student.card import model_card
+    from dmm.teachers.manifest import load_manifest
+
+    manifest = load_manifest(Path(root) / layout.MANIFEST, repo_root=Path(root))
+    entries = {t.name: t for t in manifest.teachers}
+    teachers = [
+        {
+            "name": n,
+            "source": entries[n].origin if n in entries else "(retired from the manifest)",
+            "sha256": plan.teacher_sha256.get(n, ""),
+            "license": getattr(entries.get(n), "license", None),
+        }
+        for n in plan.styles
+    ]
+    return model_card(
+        plan.styles,
+        name=registered.name,
+        folder=layout.CHAMPION,
+        base=manifest.base,
+        teachers=teachers,
+        merge_kind=plan.recipe_kind,
+        parent_version=plan.parent_version or None,
+        evaluation=results,
+        gate_verdict=summary,
+        sample_grid=f"{layout.PREVIEW}/grid.png",
+    )
 
 
 def promote(root: Path, student: Path, sha: str, record: dict) -> Path:
