@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from dmm.device import DEVICE_HELP
+
 app = typer.Typer(
     help="Merge text-to-image models by distillation (DMM).",
     no_args_is_help=True,
@@ -200,7 +202,10 @@ def sample_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override, e.g. --set steps=10")
     ] = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(help=DEVICE_HELP),
+    ] = "auto",
     summary: Annotated[
         bool, typer.Option(help="Also write OUT/samples.json over the teachers sampled.")
     ] = True,

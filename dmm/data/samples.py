@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from dmm.atomic import DmmError, atomic_dir, write_text_atomic
 from dmm.data.config import SampleConfig
 from dmm.data.prompts import read_prompts, sha256_file, sha256_prompts
+from dmm.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def sample_teacher(
     cfg: SampleConfig,
     name: str,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
 ) -> dict:
     """Generate ``samples_per_prompt`` x0 latents per prompt with one teacher.
@@ -269,7 +270,7 @@ def sample_teacher(
         log.info("samples of %s at %s are up to date", name, out_dir)
         return index
 
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = _compute_dtype(cfg, device)
     import_dmm_components(teacher_dir)
     try:
@@ -447,7 +448,7 @@ def sample_all(
     out_root: Path,
     cfg: SampleConfig,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
     summary: bool = True,
 ) -> dict[str, dict]:
@@ -459,6 +460,7 @@ def sample_all(
     Teachers whose samples are up to date are skipped, so an interrupted run
     resumes at the first teacher it had not finished.
     """
+    device = resolve_device(device)  # a bad name fails before any teacher loads
     if not zoo_or_teacher_dirs:
         raise DmmError("no teachers to sample")
     prompts = read_prompts(prompts_file)
