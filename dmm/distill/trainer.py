@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dmm.atomic import DmmError, atomic_dir
+from dmm.atomic import DmmError, atomic_dir, write_text_atomic
 from dmm.distill import checkpoints as ckpt
 from dmm.distill.config import DistillConfig
 from dmm.distill.losses import (
@@ -329,17 +329,33 @@ def base_fingerprint(base_dir: Path) -> str:
 LINEAGE = "dmm_lineage.json"
 
 
-def _truncate_log(metrics_file: Path, step: int) -> None:
-    """Drop records past ``step``: a fresh run starts a fresh log, and a resumed
-    run must not keep the steps a crash made it redo."""
-    if not metrics_file.exists():
-        return
-    keep = [
-        line
-        for line in metrics_file.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    metrics_file.write_text("".join(line + "\n" for line in keep) if step else "")
+class MetricsLog:
+    """A run's metrics.jsonl, consistent across crashes and restarts.
+
+    A resumed run keeps the records up to its checkpoint's step (the steps a
+    crash makes it redo are dropped, so none is logged twice). A fresh run
+    replaces the previous run's log only with its own first record: a run that
+    fails while setting up leaves the last log as it was.
+    """
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path = path
+        self.fresh = step == 0
+        if self.fresh or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(keep) < len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self.fresh:
+            write_text_atomic(self.path, line)
+            self.fresh = False
+        else:
+            with open(self.path, "a") as fh:
+                fh.write(line)
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -403,6 +419,8 @@ class TrainState:
     base_sha: str
     last_good: Path | None  # the newest sealed checkpoint, named when training fails
     processed: Counter
+    fingerprint: str  # of the config: checkpoints are sealed with it, resumes match it
+    metrics: MetricsLog | None = None  # on the main process only
     t_start: float = 0.0
 
     @property
@@ -616,7 +634,7 @@ def setup(cfg: DistillConfig) -> TrainState:
         final_names, old_styles, old_prev_index,
         torch.tensor([index[n] for n in old_styles]) if old_styles else None,
         weight_dtype, optimizer, lr_sched, disc, disc_opt, _make_ema(cfg, accelerator, student),
-        Progress(), base_sha, None, Counter(),
+        Progress(), base_sha, None, Counter(), cfg.fingerprint(),
     )  # fmt: skip
     _resume(state)
     return state
@@ -637,7 +655,7 @@ def _resume(state: TrainState) -> None:
     """Load the checkpoint ``resume`` names, open the trackers and the metrics log."""
     accelerator, cfg = state.accelerator, state.cfg
     accelerator.register_for_checkpointing(state.progress)
-    resume_from = ckpt.resolve_resume(state.ckpt_root, cfg.resume)
+    resume_from = ckpt.resolve_resume(state.ckpt_root, cfg.resume, state.fingerprint)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         log.info("resumed from %s at step %d", resume_from, state.progress.step)
@@ -645,7 +663,7 @@ def _resume(state: TrainState) -> None:
     if accelerator.is_main_process:
         state.out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("dmm-distill", config=json.loads(cfg.model_dump_json()))
-        _truncate_log(state.metrics_file, state.progress.step)
+        state.metrics = MetricsLog(state.metrics_file, state.progress.step)
     state.t_start = time.perf_counter()
 
 
@@ -784,9 +802,8 @@ def log_record(state: TrainState, record: dict[str, float]) -> None:
     """Send a step's record to the trackers and, on the main process, to metrics.jsonl."""
     record = {**record, "elapsed_s": round(time.perf_counter() - state.t_start, 3)}
     state.accelerator.log(record, step=record["step"])
-    if state.accelerator.is_main_process:
-        with open(state.metrics_file, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    if state.metrics is not None:
+        state.metrics.append(record)
 
 
 def save_checkpoint(state: TrainState) -> None:
@@ -795,7 +812,8 @@ def save_checkpoint(state: TrainState) -> None:
     accelerator.save_state(str(ckpt.tmp_dir_for(state.ckpt_root, step)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state.last_good = ckpt.finalize(state.ckpt_root, step, state.cfg.checkpoints_total_limit)
+        limit = state.cfg.checkpoints_total_limit
+        state.last_good = ckpt.finalize(state.ckpt_root, step, limit, state.fingerprint)
     accelerator.wait_for_everyone()
 
 
