@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from dmm.atomic import DmmError, atomic_dir, write_text_atomic
 from dmm.distill import checkpoints as ckpt
 from dmm.distill.config import DistillConfig
+from dmm.distill.live import LiveMetrics
 from dmm.distill.losses import (
     StyleDiscriminator,
     block_outputs,
@@ -380,14 +381,18 @@ def _distill(cfg: DistillConfig) -> Path:
         disable=not (cfg.progress and state.accelerator.is_local_main_process),
         mininterval=2,
     )
-    while state.progress.step < cfg.steps:
-        record = train_step(state)
-        bar.update(1)
-        if state.progress.step % cfg.log_every == 0 or state.progress.step == cfg.steps:
-            log_record(state, record)
-            bar.set_postfix(loss=f"{record['loss/total']:.4f}")
-        if state.progress.step % cfg.checkpoint_every == 0 or state.progress.step == cfg.steps:
-            save_checkpoint(state)
+    try:
+        while state.progress.step < cfg.steps:
+            record = train_step(state)
+            bar.update(1)
+            if state.progress.step % cfg.log_every == 0 or state.progress.step == cfg.steps:
+                log_record(state, record)
+                bar.set_postfix(loss=f"{record['loss/total']:.4f}")
+            if state.progress.step % cfg.checkpoint_every == 0 or state.progress.step == cfg.steps:
+                save_checkpoint(state)
+    finally:  # a failed run's last records reach MLflow too
+        if state.live is not None:
+            state.live.flush()
     bar.close()
     return finalize(state)
 
@@ -421,6 +426,7 @@ class TrainState:
     processed: Counter
     fingerprint: str  # of the config: checkpoints are sealed with it, resumes match it
     metrics: MetricsLog | None = None  # on the main process only
+    live: LiveMetrics | None = None  # the orchestrator's MLflow run, main process only
     t_start: float = 0.0
 
     @property
@@ -664,6 +670,7 @@ def _resume(state: TrainState) -> None:
         state.out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("dmm-distill", config=json.loads(cfg.model_dump_json()))
         state.metrics = MetricsLog(state.metrics_file, state.progress.step)
+        state.live = LiveMetrics.from_env()
     state.t_start = time.perf_counter()
 
 
@@ -804,6 +811,8 @@ def log_record(state: TrainState, record: dict[str, float]) -> None:
     state.accelerator.log(record, step=record["step"])
     if state.metrics is not None:
         state.metrics.append(record)
+    if state.live is not None:
+        state.live.add(record)
 
 
 def save_checkpoint(state: TrainState) -> None:
