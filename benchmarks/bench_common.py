@@ -278,9 +278,13 @@ def write_samples(out: Path, name: str, base: Path, n: int, seed: int) -> Path:
     from dmm.data.samples import FORMAT_VERSION, INDEX, UNCOND
 
     unet_cfg = json.loads((base / "unet" / "config.json").read_text())
-    te_cfg = json.loads((base / "text_encoder" / "config.json").read_text())
     c, s = unet_cfg["in_channels"], unet_cfg["sample_size"]
-    length, width = te_cfg["max_position_embeddings"], te_cfg["hidden_size"]
+    te_file = base / "text_encoder" / "config.json"
+    if te_file.is_file():
+        te_cfg = json.loads(te_file.read_text())
+        length, width = te_cfg["max_position_embeddings"], te_cfg["hidden_size"]
+    else:  # a UNet-only fixture: CLIP's 77 tokens at the UNet's cross-attention width
+        length, width = 77, unet_cfg["cross_attention_dim"]
     g = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     shard = {
@@ -321,6 +325,29 @@ def build_distill_fixture(
     """Base pipeline + ``n_teachers`` teachers + their sample caches under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     base = build_base_pipeline(root / "base", kind)
+    teachers = []
+    for i in range(n_teachers):
+        name = f"t{i:02d}"
+        path = build_teacher(base, root / "teachers" / name, seed=1000 + i)
+        samples = write_samples(root / "samples" / name, name, base, n_samples, seed=2000 + i)
+        teachers.append({"name": name, "path": path, "samples": samples})
+    return {"base": base, "teachers": teachers, "root": root}
+
+
+def build_unet_fixture(
+    root: Path, unet_cfg: dict[str, Any], n_teachers: int, n_samples: int
+) -> dict[str, Any]:
+    """What distillation reads, and no more: a base and teachers holding only a UNet
+    (random init) and the noise schedule, plus sample caches. Any UNet size, with
+    no text encoder or VAE to build (an SD1.5 UNet takes seconds, not minutes)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from dmm.zoo.models import SCHEDULE
+
+    torch.manual_seed(0)
+    base = root / "base"
+    UNet2DConditionModel(**unet_cfg).save_pretrained(base / "unet")
+    DDPMScheduler(**SCHEDULE).save_pretrained(base / "scheduler")
     teachers = []
     for i in range(n_teachers):
         name = f"t{i:02d}"

@@ -1,15 +1,16 @@
 """SD1.5-sized distillation throughput on one GPU (run by benchmarks/gpu.sh).
 
-Builds, at random init, an SD1.5-shaped student (the 860M UNet + style MLP +
-codebook) and two teachers, 64x64 latents (512 px), and runs the trainer's
-inner loop with dmm's own pieces: trainer.step_plan / draw / _split_output,
-losses.block_outputs / score_loss / feature_loss, StyleStudent, and an
-Accelerator with bf16 autocast; teachers run in bf16 as TeacherBank places
-them (eval, no grad, .to(device, dtype)); attention is SDPA (AttnProcessor2_0).
-Reports samples/s (student samples, each with one teacher forward) and
-torch.cuda.max_memory_allocated. The paper's anchor is 11.6 samples/s per
-A100 (batch 320 on 16 A100s, 100k iterations in ~32 GPU-days); the goal here
-is >= 35 per H100.
+Times the product's own optimizer step: it writes, at random init, an
+SD1.5-shaped base UNet and two perturbed copies as teachers, with sample
+caches of 64x64 latents (512 px), builds the real training state from a
+DistillConfig (``trainer.setup``: StyleStudent with its style MLP and
+codebook, TeacherBank with every teacher on the device in bf16, AdamW with
+its learning-rate groups, an Accelerator with bf16 autocast) and calls
+``trainer.train_step``, the very step ``dmm distill`` runs, per-source loss
+weights included. Reports samples/s (student samples, each with one teacher
+forward) and torch.cuda.max_memory_allocated. The paper's anchor is 11.6
+samples/s per A100 (batch 320 on 16 A100s, 100k iterations in ~32 GPU-days);
+the goal here is >= 35 per H100.
 
 ``--dry-run`` runs the same code on the CPU with the tiny SD1.5-like UNet for
 two steps, so the script can be checked where there is no GPU.
@@ -18,10 +19,13 @@ two steps, so the script can be checked where there is no GPU.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,131 +35,81 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from bench_common import SD15_TINY_UNET, SD15_UNET, provenance  # noqa: E402
+from bench_common import SD15_TINY_UNET, SD15_UNET, build_unet_fixture, provenance  # noqa: E402
 
 PAPER_SAMPLES_PER_S_A100 = 11.6
 GOAL_SAMPLES_PER_S_H100 = 35.0
 
 
-def build(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
+@contextlib.contextmanager
+def fused_adamw(enabled: bool) -> Iterator[None]:
+    """While setup() builds its optimizer, make torch.optim.AdamW the fused kernel."""
+    if not enabled:
+        yield
+        return
+    original = torch.optim.AdamW
 
-    from dmm.distill.trainer import TeacherData
-    from dmm.student.model import StyleStudent
-    from dmm.zoo.models import SCHEDULE
+    class Fused(original):  # type: ignore[misc, valid-type]
+        def __init__(self, params: Any, **kwargs: Any) -> None:
+            super().__init__(params, fused=True, **kwargs)
+
+    torch.optim.AdamW = Fused  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = original  # type: ignore[misc]
+
+
+def build(args: argparse.Namespace, device: torch.device, work: Path):
+    """The trainer's real state for an SD1.5-shaped merge of ``args.teachers`` teachers."""
+    from dmm.distill.config import DistillConfig
+    from dmm.distill.trainer import setup
 
     unet_cfg = SD15_TINY_UNET if args.tiny else SD15_UNET
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    base = UNet2DConditionModel(**unet_cfg)
-    names = [f"t{i}" for i in range(args.teachers)]
-    student = StyleStudent.from_base(base, names, seed=0).to(device)
-    if args.gradient_checkpointing:
-        student.unet.enable_gradient_checkpointing()
-    student.unet.set_attn_processor(AttnProcessor2_0())
-    student.train()
-    teachers = []
-    for i in range(args.teachers):
-        # A fine-tune stand-in: the base plus a small perturbation (a copy, not a
-        # second random init, which takes ~10 s at SD1.5 size on the host).
-        t = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for v in t.parameters():
-                v.add_(torch.randn(v.shape, generator=g, dtype=v.dtype), alpha=0.01)
-        t.requires_grad_(False)
-        t.eval()
-        t = t.to(device, dtype=teacher_dtype)
-        t.set_attn_processor(AttnProcessor2_0())
-        teachers.append(t)
-    del base
-    c, s = unet_cfg["in_channels"], unet_cfg["sample_size"]
-    text_len, width = 77, unet_cfg["cross_attention_dim"]
-    n = max(4 * args.batch, 64)
-    g = torch.Generator().manual_seed(0)
-    data = [
-        TeacherData(
-            latents=torch.randn(n, c, s, s, generator=g),
-            teacher_embeds=torch.randn(n, text_len, width, generator=g),
-            base_embeds=torch.randn(n, text_len, width, generator=g),
-            uncond_teacher=torch.randn(1, text_len, width, generator=g),
-            uncond_base=torch.randn(1, text_len, width, generator=g),
-        )
-        for _ in names
-    ]
-    alphas = DDPMScheduler(**SCHEDULE).alphas_cumprod.float()
-    return {
-        "student": student,
-        "teachers": teachers,
-        "teacher_dtype": teacher_dtype,
-        "data": data,
-        "alphas": alphas,
-        "names": names,
-        "unet": unet_cfg,
-    }
-
-
-def train(args: argparse.Namespace, parts: dict[str, Any], device: torch.device) -> dict:
-    """The trainer's inner loop (dmm/distill/trainer.py) for one process."""
-    from accelerate import Accelerator
-
-    from dmm.distill.losses import block_outputs, feature_loss, score_loss
-    from dmm.distill.trainer import _seed_for, _split_output, draw, step_plan
-
-    mixed = "bf16" if device.type == "cuda" else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device.type != "cuda")
-    student, teachers = parts["student"], parts["teachers"]
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt_kwargs: dict[str, Any] = {"fused": True} if args.fused_adamw else {}
-    optimizer = torch.optim.AdamW(
-        params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, **opt_kwargs
+    fixture = build_unet_fixture(work, unet_cfg, args.teachers, max(4 * args.batch, 64))
+    cfg = DistillConfig(
+        base=fixture["base"],
+        teachers=fixture["teachers"],
+        output_dir=work / "run",
+        steps=args.warmup + args.steps,
+        batch_size=args.batch,
+        lr=1e-5,  # the paper's SD1.5 rate
+        warmup_steps=0,
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        gradient_checkpointing=args.gradient_checkpointing,
+        teacher_placement="device",
+        checkpoint_every=10**6,
+        progress=False,
     )
-    student, optimizer = accelerator.prepare(student, optimizer)
-    n_teachers = len(teachers)
-    dtype = parts["teacher_dtype"]
+    with fused_adamw(args.fused_adamw):
+        return setup(cfg), unet_cfg
 
-    def step(i: int) -> float:
-        plan = step_plan(n_teachers, 1, i)[0]
-        total = 0.0
-        for ti, rep in plan:
-            gen = torch.Generator().manual_seed(_seed_for(0, i, ti, rep))
-            mb = draw(parts["data"][ti], args.batch, gen, parts["alphas"], 0.1)
-            x_t, t = mb.x_t.to(device, non_blocking=True), mb.t.to(device, non_blocking=True)
-            with torch.no_grad(), block_outputs(teachers[ti]) as t_feats:
-                eps_t = teachers[ti](x_t.to(dtype), t, mb.teacher_cond.to(device, dtype)).sample
-            with accelerator.autocast():
-                out = student(x_t, t, mb.student_cond.to(device), style=ti, return_features=True)
-                eps_s, s_feats = _split_output(out)
-                loss = score_loss(eps_s, eps_t) + 0.001 * feature_loss(s_feats, t_feats)
-            accelerator.backward(loss / n_teachers)
-            total += float(loss.detach()) / n_teachers
-        accelerator.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return total
+
+def train(args: argparse.Namespace, state, device: torch.device) -> dict:
+    """Time ``trainer.train_step`` on the real state (it syncs every micro-batch, as in training)."""
+    from dmm.distill.trainer import train_step
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for i in range(args.warmup):
-        step(i)
+    for _ in range(args.warmup):
+        train_step(state)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     losses = []
-    for i in range(args.warmup, args.warmup + args.steps):
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        losses.append(step(i))  # float(loss) syncs every micro-batch, as in the trainer
+        losses.append(train_step(state)["loss/total"])
         sync()
         times.append(time.perf_counter() - t0)
         if args.deadline and time.perf_counter() > args.deadline:
             break
     times.sort()
     med = times[len(times) // 2]
-    samples_per_step = n_teachers * args.batch
+    samples_per_step = len(state.sources) * args.batch
     out = {
         "steps_timed": len(times),
         "step_s_median": round(med, 4),
@@ -181,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop timing after this")
     ap.add_argument("--out", type=Path, default=BENCH / "out" / "gpu.json")
+    ap.add_argument("--work", type=Path, help="where to write the random-init fixture (temp)")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.tiny, args.steps, args.warmup, args.batch = True, 2, 1, 2
@@ -189,25 +144,29 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: use --dry-run (or --tiny) on a CPU", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:  # the trainer's Accelerator picks CUDA whenever it sees one
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
     args.deadline = t0 + args.budget_s
-    parts = build(args, device)
-    built_s = time.perf_counter() - t0
-    result = train(args, parts, device)
-    n_params = sum(p.numel() for p in parts["student"].parameters())
+    with tempfile.TemporaryDirectory(prefix="dmm-bench-gpu-", dir=args.work) as work:
+        state, unet_cfg = build(args, device, Path(work))
+        built_s = time.perf_counter() - t0
+        result = train(args, state, device)
+        n_params = sum(p.numel() for p in state.student.parameters())
     report = {
         **provenance(),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "config": {
             "unet": "sd15-tiny" if args.tiny else "sd15",
-            "latent": [4, parts["unet"]["sample_size"], parts["unet"]["sample_size"]],
+            "latent": [4, unet_cfg["sample_size"], unet_cfg["sample_size"]],
             "teachers": args.teachers,
             "batch_per_teacher": args.batch,
             "precision": "bf16 autocast, bf16 teachers" if cuda else "fp32",
-            "attention": "SDPA (AttnProcessor2_0)",
+            "attention": "diffusers default (SDPA on torch 2)",
+            "step": "dmm.distill.trainer.train_step",
             "gradient_checkpointing": args.gradient_checkpointing,
             "fused_adamw": args.fused_adamw,
             "student_params": n_params,

@@ -4,12 +4,17 @@ GPU memory plan for merging 8 SD1.5 teachers on one 80 GB card.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sd15_plan.py            # step + plan
     .venv/bin/python benchmarks/sd15_plan.py --no-step                    # plan only (seconds)
     .venv/bin/python benchmarks/sd15_plan.py --latent 32 --json out.json  # 256 px step
+    .venv/bin/python benchmarks/sd15_plan.py --tiny --latent 8            # quick check
 
-The step uses dmm.distill's pieces on random-weight models built from the SD1.5
-configs in dmm/teachers/sd15.py: ``StyleStudent.from_base`` (fp32, all of it
-trained), a frozen teacher UNet (bf16: the CPU's stand-in for a GPU's fp16),
-the score + feature losses of dmm/distill/losses.py, gradient clipping and one
-AdamW update. It runs in a child process so that its peak RSS is its own.
+The step is the product's own: ``trainer.setup`` builds the training state
+from a DistillConfig over a random-weight SD1.5 base and one perturbed
+teacher written to a temp folder (configs from dmm/teachers/sd15.py), and
+``trainer.train_step`` runs one optimizer step on it (fp32 on the CPU, score +
+feature losses, clipping, AdamW with its learning-rate groups). Hooks time
+its teacher forward, student forward and AdamW update, and count what the
+student's forward keeps for backward. It runs in a child process so that its
+peak RSS is its own (which includes the trainer's set-up copies of the UNet).
+``--tiny`` runs it on a tiny SD1.5-like UNet, as a quick check of the script.
 
 The plan counts bytes from parameter counts (weights, gradients, AdamW
 states) and from activation bytes measured here on the CPU: the tensors the
@@ -133,91 +138,133 @@ class SavedBytes:
             h.remove()
 
 
-def distill_step(latent: int, batch: int) -> dict[str, Any]:
-    """One DMM step at SD1.5 size on the CPU; returns timings, memory and activation bytes."""
-    from diffusers import DDPMScheduler
+class PhaseTimer:
+    """Wall time inside a module's forward passes (hooks on the module itself)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.total = 0.0
+        self.rss_delta = 0
+        self.handles = [
+            module.register_forward_pre_hook(self._start),
+            module.register_forward_hook(self._stop),
+        ]
+
+    def _start(self, *_):
+        self.t0, self.rss0 = time.perf_counter(), _rss_bytes()
+
+    def _stop(self, *_):
+        self.total += time.perf_counter() - self.t0
+        self.rss_delta += _rss_bytes() - self.rss0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _fixture(work: Path, latent: int, tiny: bool) -> Any:
+    """A DistillConfig over a random-init SD1.5 base and one perturbed teacher on disk."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import SD15_TINY_UNET, build_unet_fixture
+
+    from dmm.distill.config import DistillConfig
+    from dmm.teachers.sd15 import SD15_UNET
+
+    unet_cfg = dict(SD15_TINY_UNET if tiny else SD15_UNET, sample_size=latent)
+    fixture = build_unet_fixture(work, unet_cfg, n_teachers=1, n_samples=8)
+    return DistillConfig(
+        base=fixture["base"],
+        teachers=fixture["teachers"],
+        output_dir=work / "run",
+        steps=2,
+        lr=1e-5,
+        warmup_steps=0,
+        teacher_placement="device",
+        checkpoint_every=10**6,
+        progress=False,
+    )
+
+
+TIME_ORDER = (
+    "build_models_s",
+    "teacher_forward_s",
+    "student_forward_s",
+    "backward_and_rest_s",
+    "optimizer_s",
+    "step_total_s",
+)
+
+
+def distill_step(latent: int, batch: int, tiny: bool = False) -> dict[str, Any]:
+    """One real DMM step (``trainer.train_step``) at SD1.5 size on the CPU; returns
+    timings, memory and activation bytes."""
+    import tempfile
+
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    from dmm.distill.losses import block_outputs, feature_loss, score_loss
-    from dmm.student.model import StyleStudent
-    from dmm.teachers.sd15 import SD15_SCHEDULE, sd15_unet
+    from dmm.distill.losses import block_outputs
+    from dmm.distill.trainer import setup, train_step
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     times: dict[str, float] = {}
     rss: dict[str, float] = {}
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    base = sd15_unet()
-    names = [f"teacher{i}" for i in range(NUM_TEACHERS)]
-    student = StyleStudent.from_base(base, names, seed=0)
-    student.train()
-    # The base becomes the frozen teacher, nudged so that the losses are not ~0.
-    teacher = base.to(torch.bfloat16).requires_grad_(False).eval()
-    with torch.no_grad():
-        teacher.conv_out.weight.mul_(1.05)
-    times["build_models_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="dmm-sd15-plan-") as work:
+        cfg = _fixture(Path(work), latent, tiny).model_copy(update={"batch_size": batch})
+        t0 = time.perf_counter()
+        state = setup(cfg)
+        times["build_models_s"] = time.perf_counter() - t0
     rss["after_models_gib"] = _rss_bytes() / GIB
-
-    g = torch.Generator().manual_seed(0)
-    alphas = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod.float()
-    x0 = torch.randn(batch, 4, latent, latent, generator=g)
-    cond = torch.randn(batch, 77, 768, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    a = alphas[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+    student = state.accelerator.unwrap_model(state.student)
+    teacher = state.bank.get(cfg.teachers[0].name)
     params = [p for p in student.parameters() if p.requires_grad]
-    # foreach=False: the multi-tensor path allocates a whole extra model's worth
-    # of temporaries, which a CPU run cannot spare.
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, foreach=False)
+    opt = state.optimizer.optimizer  # the torch optimizer inside accelerate's wrapper
+    opt_time: dict[str, float] = {}
+    grad_norm: list[float] = []
+
+    def before_opt(*_):
+        grad_norm.append(float(torch.nn.utils.get_total_norm([p.grad for p in params])))
+        opt_time["t0"] = time.perf_counter()
+
+    def after_opt(*_):
+        times["optimizer_s"] = time.perf_counter() - opt_time["t0"]
+
+    hooks = [opt.register_step_pre_hook(before_opt), opt.register_step_post_hook(after_opt)]
+    t_timer, s_timer = PhaseTimer(teacher), PhaseTimer(student)
     units = (ResnetBlock2D, BasicTransformerBlock)
-
     t_step = time.perf_counter()
-    t1 = time.perf_counter()
-    with torch.no_grad(), block_outputs(teacher) as t_feats:
-        eps_t = teacher(x_t.bfloat16(), t, cond.bfloat16()).sample
-    times["teacher_forward_s"] = time.perf_counter() - t1
-    feat_bytes = sum(f.numel() * 4 for f in t_feats)  # as fp32, per the batch
-    rss_before = _rss_bytes()
-    t1 = time.perf_counter()
-    with SavedBytes(student, units) as saved:
-        eps_s, s_feats = student(x_t, t, cond, style=3, return_features=True)
-    times["student_forward_s"] = time.perf_counter() - t1
-    rss["forward_graph_delta_gib"] = (_rss_bytes() - rss_before) / GIB
-    loss_score = score_loss(eps_s, eps_t)
-    loss_feat = feature_loss(s_feats, t_feats)
-    loss = loss_score + 0.001 * loss_feat
-    t1 = time.perf_counter()
-    loss.backward()
-    times["backward_s"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times["optimizer_s"] = time.perf_counter() - t1
+    with block_outputs(teacher) as t_feats, SavedBytes(student, units) as saved:
+        record = train_step(state)
     times["step_total_s"] = time.perf_counter() - t_step
+    times["teacher_forward_s"] = t_timer.total
+    times["student_forward_s"] = s_timer.total
+    # What the step spends outside the two forwards and AdamW: mostly the backward pass.
+    times["backward_and_rest_s"] = times["step_total_s"] - sum(
+        times[k] for k in ("teacher_forward_s", "student_forward_s", "optimizer_s")
+    )
+    rss["forward_graph_delta_gib"] = s_timer.rss_delta / GIB
     rss["peak_gib"] = _peak_rss_bytes() / GIB
-    losses = {"score": float(loss_score), "feature": float(loss_feat), "total": float(loss)}
-    del eps_s, s_feats, loss, loss_feat, loss_score
+    feat_bytes = sum(f.numel() * 4 for f in t_feats)  # as fp32, per the batch
+    for h in (*hooks, t_timer, s_timer):
+        h.remove()
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
 
-    # The same forward with gradient checkpointing: what it keeps for backward.
+    # The same step with gradient checkpointing: what its forward keeps for backward.
     student.unet.enable_gradient_checkpointing()
     with SavedBytes(student, units) as saved_ckpt:
-        eps_c, feats_c = student(x_t, t, cond, style=3, return_features=True)
-    kept_ckpt = saved_ckpt.total + saved_ckpt.unit_input_bytes
-    del eps_c, feats_c
-    finite = all(bool(torch.isfinite(p).all()) for p in params)
+        train_step(state)
     return {
         "latent": latent,
         "batch": batch,
+        "unet": "sd15-tiny" if tiny else "sd15",
+        "step": "dmm.distill.trainer.train_step",
         "threads": torch.get_num_threads(),
-        "times": {k: round(v, 2) for k, v in times.items()},
+        "times": {k: round(times[k], 2) for k in TIME_ORDER},
         "rss": {k: round(v, 2) for k, v in rss.items()},
-        "losses": losses,
-        "grad_norm": float(grad_norm),
+        "losses": {k.removeprefix("loss/"): v for k, v in record.items() if k.startswith("loss/")},
+        "grad_norm": grad_norm[0],
         "weights_finite_after_step": finite,
         "saved_activation_bytes": saved.total,
-        "saved_activation_bytes_checkpointed": kept_ckpt,
+        "saved_activation_bytes_checkpointed": saved_ckpt.total + saved_ckpt.unit_input_bytes,
         "largest_recompute_bytes": max(saved.per_unit, default=0),
         "teacher_feature_bytes_fp32": feat_bytes,
     }
@@ -306,7 +353,7 @@ def print_report(counts: dict[str, int], step: dict[str, Any] | None, plan: dict
         ls = step["losses"]
         print(
             f"  losses: score {ls['score']:.3e}, feature {ls['feature']:.3e}; "
-            f"grad norm {step['grad_norm']:.3e}; weights finite: "
+            f"grad norm (clipped) {step['grad_norm']:.3e}; weights finite: "
             f"{step['weights_finite_after_step']}"
         )
         for k in (
@@ -367,9 +414,10 @@ def print_report(counts: dict[str, int], step: dict[str, Any] | None, plan: dict
     )
 
 
-def _run_step_in_child(latent: int, batch: int) -> dict[str, Any]:
+def _run_step_in_child(latent: int, batch: int, tiny: bool) -> dict[str, Any]:
     """Run the step in a fresh interpreter, so the peak RSS is the step's alone."""
     cmd = [sys.executable, __file__, "--step-only", "--latent", str(latent), "--batch", str(batch)]
+    cmd += ["--tiny"] if tiny else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -379,16 +427,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent", type=int, default=64, help="latent size (64 = 512 px)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-step", action="store_true", help="plan only, from recorded figures")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the step on a tiny SD1.5-like UNet (a quick check)"
+    )
     parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.step_only:
-        print(json.dumps(distill_step(args.latent, args.batch)))
+        print(json.dumps(distill_step(args.latent, args.batch, args.tiny)))
         return 0
     counts = param_counts()
-    step = None if args.no_step else _run_step_in_child(args.latent, args.batch)
-    if step is not None and step["latent"] == 64 and step["batch"] == 1:
+    step = None if args.no_step else _run_step_in_child(args.latent, args.batch, args.tiny)
+    if step is not None and step["latent"] == 64 and step["batch"] == 1 and not args.tiny:
         act = step
     else:
         act = MEASURED_512PX

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from dmm.device import DEVICE_HELP
+
 app = typer.Typer(
     help="Merge text-to-image models by distillation (DMM).",
     no_args_is_help=True,
@@ -226,7 +228,10 @@ def sample_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override, e.g. --set steps=10")
     ] = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(help=DEVICE_HELP),
+    ] = "auto",
     summary: Annotated[
         bool, typer.Option(help="Also write OUT/samples.json over the teachers sampled.")
     ] = True,
@@ -450,7 +455,13 @@ def distill_cmd(
         list[str] | None,
         typer.Option("--set", help="Override, e.g. --set steps=100 --set losses.feature=0"),
     ] = None,
-    resume: Annotated[str | None, typer.Option(help='"latest" or a checkpoint directory.')] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help='"auto" (the newest checkpoint of this config, else start afresh), '
+            '"latest" (the same, or an error) or a checkpoint directory.'
+        ),
+    ] = None,
     from_: Annotated[
         Path | None,
         typer.Option("--from", help="Previous student: merge the config's teachers incrementally."),

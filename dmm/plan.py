@@ -32,8 +32,9 @@ from dmm.hashing import fingerprint, folder_sha256, unet_sha256
 
 log = logging.getLogger(__name__)
 
-# DistillConfig fields that change how a run is watched, not what it makes.
-RUN_ONLY_FIELDS = frozenset({"progress", "log_with", "resume"})
+# DistillConfig fields the distill stage sets when it runs (how a run is watched and
+# resumed), so the recipe leaves them out.
+LAUNCH_FIELDS = frozenset({"progress", "log_with", "resume"})
 
 
 class MergeRequest(BaseModel):
@@ -92,7 +93,9 @@ class PlanInputs:
 
 def recipe_fingerprint(distill: dict[str, Any], teacher_sha: dict[str, str], parent: str) -> str:
     """What a student is a function of: its config, its teachers' weights and its parent."""
-    config = {k: v for k, v in distill.items() if k not in RUN_ONLY_FIELDS}
+    from dmm.distill.config import DistillConfig
+
+    config = DistillConfig(**distill).fingerprint()
     trained = [t["name"] for t in distill["teachers"]]
     return fingerprint(
         {"distill": config, "teachers": {n: teacher_sha[n] for n in trained}, "parent": parent}
@@ -114,7 +117,7 @@ def _distill_recipe(inputs: PlanInputs, trained: list[str], extra: dict[str, Any
         ],
     }
     cfg = _validated(DistillConfig, base, "distill")
-    return cfg.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
+    return cfg.model_dump(mode="json", exclude=set(LAUNCH_FIELDS))
 
 
 def _evaluate_config(inputs: PlanInputs, styles: list[str]) -> dict:

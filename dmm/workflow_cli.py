@@ -119,7 +119,8 @@ def _launch(root: Path, config: dict, env: dict[str, str]) -> None:
     """Run the trainer (through Dagster Pipes when Dagster launched us) in place or under accelerate."""
     from dmm.distill.config import DistillConfig
 
-    cfg = DistillConfig(**config, resume="latest", progress=sys.stderr.isatty())
+    # `auto`: resume from this very recipe's last sealed checkpoint, else start afresh.
+    cfg = DistillConfig(**config, resume="auto", progress=sys.stderr.isatty())
     os.environ.update(env)
     out = root / layout.STUDENT
     out.mkdir(parents=True, exist_ok=True)

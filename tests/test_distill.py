@@ -132,18 +132,18 @@ def test_torn_checkpoint_is_skipped(tmp_path):
     good = root / "checkpoint-2"
     good.mkdir(parents=True)
     (good / "model.safetensors").write_bytes(b"x" * 10)
-    ckpt.seal(good, 2)
+    ckpt.seal(good, 2, "f")
     torn = root / "checkpoint-4"
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"x")
     truncated = root / "checkpoint-6"
     truncated.mkdir()
     (truncated / "model.safetensors").write_bytes(b"x" * 10)
-    ckpt.seal(truncated, 6)
+    ckpt.seal(truncated, 6, "f")
     (truncated / "model.safetensors").write_bytes(b"x" * 3)  # torn after sealing
-    assert ckpt.resolve_resume(root, "latest") == good
-    with pytest.raises(ValueError, match="incomplete"):
-        ckpt.resolve_resume(root, str(torn))
+    assert ckpt.resolve_resume(root, "latest", "f") == good
+    with pytest.raises(DmmError, match="incomplete"):
+        ckpt.resolve_resume(root, str(torn), "f")
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(distill_data, tmp_path):

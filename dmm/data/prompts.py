@@ -18,6 +18,7 @@ import numpy as np
 
 from dmm.atomic import DmmError, atomic_dir
 from dmm.data.config import PromptsConfig
+from dmm.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,6 @@ TRAIN_FILE = "train.jsonl"
 EVAL_FILE = "eval.jsonl"
 META_FILE = "prompts.json"
 PROMPT_KEYS = ("prompt", "caption")
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_prompts(prompts: list[str]) -> str:

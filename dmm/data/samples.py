@@ -22,7 +22,6 @@ by :func:`sample_seed`, so any sample can be regenerated on its own.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -37,7 +36,9 @@ from tqdm.auto import tqdm
 
 from dmm.atomic import DmmError, atomic_dir, write_text_atomic
 from dmm.data.config import SampleConfig
-from dmm.data.prompts import read_prompts, sha256_file, sha256_prompts
+from dmm.data.prompts import read_prompts, sha256_prompts
+from dmm.device import resolve_device
+from dmm.hashing import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +109,6 @@ def load_component(pipe_dir: Path | str, name: str) -> Any:
     except (OSError, ValueError, AttributeError, ImportError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DmmError(f"cannot load {name} from {pipe_dir}: {first}") from exc
-
-
-def _weight_files(component_dir: Path, ext: str) -> list[Path]:
-    files = sorted(component_dir.glob(f"*.{ext}"))
-    # Variants ("model.fp16.safetensors") sit beside the default weights,
-    # which are the ones from_pretrained loads without a variant argument.
-    default = [f for f in files if f.name.count(".") == 1]
-    return default or files
-
-
-def weights_sha256(component_dir: Path) -> str:
-    """sha256 of a component's weights file.
-
-    With one *.safetensors file this is that file's sha256. Sharded (or
-    .bin-only) weights hash the sorted "name sha256" lines of their files.
-    """
-    files = _weight_files(component_dir, "safetensors") or _weight_files(component_dir, "bin")
-    if not files:
-        raise DmmError(f"no weights (*.safetensors or *.bin) in {component_dir}")
-    if len(files) == 1:
-        return sha256_file(files[0])
-    lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 @torch.no_grad()
@@ -241,7 +219,7 @@ def sample_teacher(
     cfg: SampleConfig,
     name: str,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
 ) -> dict:
     """Generate ``samples_per_prompt`` x0 latents per prompt with one teacher.
@@ -269,7 +247,7 @@ def sample_teacher(
         log.info("samples of %s at %s are up to date", name, out_dir)
         return index
 
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = _compute_dtype(cfg, device)
     import_dmm_components(teacher_dir)
     try:
@@ -447,7 +425,7 @@ def sample_all(
     out_root: Path,
     cfg: SampleConfig,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
     summary: bool = True,
 ) -> dict[str, dict]:
@@ -459,6 +437,7 @@ def sample_all(
     Teachers whose samples are up to date are skipped, so an interrupted run
     resumes at the first teacher it had not finished.
     """
+    device = resolve_device(device)  # a bad name fails before any teacher loads
     if not zoo_or_teacher_dirs:
         raise DmmError("no teachers to sample")
     prompts = read_prompts(prompts_file)

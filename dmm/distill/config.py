@@ -7,7 +7,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dmm.hashing import fingerprint
 from dmm.names import STYLE_NAME_PATTERN
+
+# Fields that say how a run is driven or where it writes, never what it trains:
+# the fingerprint leaves them out, so e.g. a resume or a new output folder keeps it.
+RUN_ONLY_FIELDS = frozenset(
+    {"output_dir", "resume", "progress", "log_with", "log_every", "checkpoint_every",
+     "checkpoints_total_limit"}
+)  # fmt: skip
 
 
 class LossConfig(BaseModel):
@@ -117,7 +125,11 @@ class DistillConfig(BaseModel):
 
     checkpoint_every: int = Field(100, ge=1)
     checkpoints_total_limit: int | None = Field(3, ge=1)
-    resume: str | None = Field(None, description='"latest" or a checkpoint directory')
+    resume: str | None = Field(
+        None,
+        description='"latest" (newest checkpoint of this config; an error if only other '
+        'configs\' exist), "auto" (the same, else start fresh) or a checkpoint directory',
+    )
     seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     log_with: list[str] = Field(default_factory=list, description="accelerate trackers")
@@ -162,3 +174,7 @@ class DistillConfig(BaseModel):
     @property
     def style_names(self) -> list[str]:
         return [t.name for t in self.teachers]
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the trained student (all but RUN_ONLY_FIELDS)."""
+        return fingerprint(self.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS)))

@@ -40,14 +40,24 @@ class MetricsTail(threading.Thread):
         self.stopped = threading.Event()
         self.offset = 0
         self.pending = ""
+        self.inode: int | None = None
+        # A previous run's log stays until this run's first record replaces it:
+        # start past it, so that only this run's records are forwarded.
+        if path.is_file():
+            st = path.stat()
+            self.offset, self.inode = st.st_size, st.st_ino
 
     def poll(self) -> None:
-        if not self.path.is_file():
+        try:
+            fh = open(self.path)
+        except FileNotFoundError:
             return
-        size = self.path.stat().st_size
-        if size < self.offset:  # a fresh run truncated the log
-            self.offset, self.pending = 0, ""
-        with open(self.path) as fh:
+        with fh:
+            st = os.fstat(fh.fileno())
+            # The trainer replaces the file (a fresh run's first record, or a
+            # resumed run's dropped steps) or appends to it.
+            if st.st_ino != self.inode or st.st_size < self.offset:
+                self.offset, self.pending, self.inode = 0, "", st.st_ino
             fh.seek(self.offset)
             chunk = fh.read()
             self.offset = fh.tell()
@@ -96,10 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
     with open_dagster_pipes() as pipes:
         metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
-        if cfg.resume is None:
-            # The trainer truncates it too, but only after setting up; dropping
-            # it first keeps a previous run's losses out of this run's report.
-            metrics_file.unlink(missing_ok=True)
 
         def on_record(record: dict) -> None:
             pipes.log.info(_describe(record))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dmm.atomic import DmmError
@@ -34,7 +35,28 @@ def unet_weights_file(pipeline_dir: Path) -> Path:
 def load_unet(pipeline_dir: Path) -> UNet2DConditionModel:
     if not (Path(pipeline_dir) / "unet" / "config.json").is_file():
         raise DmmError(f"missing file: {pipeline_dir}/unet/config.json")
-    return UNet2DConditionModel.from_pretrained(Path(pipeline_dir) / "unet", local_files_only=True)
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            Path(pipeline_dir) / "unet", local_files_only=True
+        )
+    except OSError as exc:  # diffusers' message names the file (e.g. a truncated one)
+        raise DmmError(str(exc).strip().splitlines()[0]) from exc
+
+
+def read_teacher_state(pipeline_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """A teacher's UNet weights, checked readable and finite (NaN would only show as
+    a NaN loss, with no teacher named)."""
+    path = unet_weights_file(pipeline_dir)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DmmError(f"teacher {name!r}: cannot read {path} ({reason})") from exc
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DmmError(f"teacher {name!r} has NaN/inf weights: {bad[0]}{more} in {path}")
+    return state
 
 
 def architecture_diff(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str:
@@ -75,7 +97,7 @@ class TeacherBank:
         self.dtype = dtype
         states = {}
         for name, d in zip(names, dirs, strict=True):
-            state = load_file(unet_weights_file(d))
+            state = read_teacher_state(d, name)
             diff = architecture_diff(base_state, state)
             if diff:
                 raise DmmError(f"teacher {name!r} UNet differs from the base: {diff}")

@@ -28,9 +28,10 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dmm.atomic import DmmError, atomic_dir
+from dmm.atomic import DmmError, atomic_dir, write_text_atomic
 from dmm.distill import checkpoints as ckpt
 from dmm.distill.config import DistillConfig
+from dmm.distill.live import LiveMetrics
 from dmm.distill.losses import (
     StyleDiscriminator,
     block_outputs,
@@ -39,6 +40,7 @@ from dmm.distill.losses import (
     score_loss,
 )
 from dmm.distill.teachers import TeacherBank, architecture_diff, load_unet
+from dmm.names import LINEAGE_FILE as LINEAGE
 from dmm.student.model import STYLE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -317,29 +319,39 @@ def unet_lr_factor(step: int, cfg: DistillConfig) -> float:
 
 
 def base_fingerprint(base_dir: Path) -> str:
-    from dmm.distill.teachers import unet_weights_file
+    """The base's UNet hash, as the plan and the registry record it."""
+    from dmm.hashing import unet_sha256
 
-    h = hashlib.sha256()
-    with open(unet_weights_file(base_dir), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return unet_sha256(base_dir)
 
 
-LINEAGE = "dmm_lineage.json"
+class MetricsLog:
+    """A run's metrics.jsonl, consistent across crashes and restarts.
 
+    A resumed run keeps the records up to its checkpoint's step (the steps a
+    crash makes it redo are dropped, so none is logged twice). A fresh run
+    replaces the previous run's log only with its own first record: a run that
+    fails while setting up leaves the last log as it was.
+    """
 
-def _truncate_log(metrics_file: Path, step: int) -> None:
-    """Drop records past ``step``: a fresh run starts a fresh log, and a resumed
-    run must not keep the steps a crash made it redo."""
-    if not metrics_file.exists():
-        return
-    keep = [
-        line
-        for line in metrics_file.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    metrics_file.write_text("".join(line + "\n" for line in keep) if step else "")
+    def __init__(self, path: Path, step: int) -> None:
+        self.path = path
+        self.fresh = step == 0
+        if self.fresh or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(keep) < len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self.fresh:
+            write_text_atomic(self.path, line)
+            self.fresh = False
+        else:
+            with open(self.path, "a") as fh:
+                fh.write(line)
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -356,52 +368,120 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def _distill(cfg: DistillConfig) -> Path:
-    import copy
+    state = setup(cfg)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state.progress.step,
+        desc="distill",
+        disable=not (cfg.progress and state.accelerator.is_local_main_process),
+        mininterval=2,
+    )
+    try:
+        while state.progress.step < cfg.steps:
+            record = train_step(state)
+            bar.update(1)
+            if state.progress.step % cfg.log_every == 0 or state.progress.step == cfg.steps:
+                log_record(state, record)
+                bar.set_postfix(loss=f"{record['loss/total']:.4f}")
+            if state.progress.step % cfg.checkpoint_every == 0 or state.progress.step == cfg.steps:
+                save_checkpoint(state)
+    finally:  # a failed run's last records reach MLflow too
+        if state.live is not None:
+            state.live.flush()
+    bar.close()
+    return finalize(state)
 
-    from dmm.student.model import StyleStudent
 
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    accelerator = Accelerator(
+@dataclass
+class TrainState:
+    """One process's training run: what setup() builds and every step reads or updates."""
+
+    cfg: DistillConfig
+    accelerator: Accelerator
+    student: torch.nn.Module  # as prepared by the accelerator (DDP-wrapped on several processes)
+    previous: torch.nn.Module | None  # the frozen previous student of an incremental merge
+    sources: list[Source]
+    owned: list[int]  # indices into sources of this process's micro-batches
+    bank: TeacherBank
+    data: dict[int, TeacherData]  # by source index
+    alphas: torch.Tensor
+    final_names: list[str]
+    old_styles: list[str]
+    old_prev_index: torch.Tensor | None  # old style -> index among the previous student's styles
+    old_new_index: torch.Tensor | None  # old style -> index among the final styles
+    weight_dtype: torch.dtype
+    optimizer: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    disc: torch.nn.Module | None
+    disc_opt: torch.optim.Optimizer | None
+    ema: object | None
+    progress: Progress
+    base_sha: str
+    last_good: Path | None  # the newest sealed checkpoint, named when training fails
+    processed: Counter
+    fingerprint: str  # of the config: checkpoints are sealed with it, resumes match it
+    metrics: MetricsLog | None = None  # on the main process only
+    live: LiveMetrics | None = None  # the orchestrator's MLflow run, main process only
+    t_start: float = 0.0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def style_index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.final_names)}
+
+
+def _make_accelerator(cfg: DistillConfig) -> Accelerator:
+    return Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=cfg.log_with or None,
-        project_dir=str(out_dir),
+        project_dir=str(cfg.output_dir),
         # One optimizer step is one global step (every process's teachers
         # together), so the schedule advances once per step. Accelerate's
         # default advances it once per process, which would run warmup and
         # decay `world` times too fast.
         step_scheduler_with_optimizer=False,
     )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    set_seed(cfg.seed)
 
-    for spec in cfg.teachers:
-        if not spec.path.is_dir():
-            raise DmmError(f"teacher {spec.name!r}: pipeline folder not found: {spec.path}")
-    base_unet = load_unet(cfg.base)
-    base_state = base_unet.state_dict()
-    base_sha = base_fingerprint(cfg.base)
 
-    previous = None
-    lineage_parent = None
-    if cfg.init_from is not None:
-        if not (Path(cfg.init_from) / "model_index.json").is_file():
-            raise DmmError(f"previous student not found: {cfg.init_from}")
-        lineage_file = Path(cfg.init_from) / LINEAGE
-        if lineage_file.is_file():
-            lineage_parent = json.loads(lineage_file.read_text())
-            if lineage_parent.get("base_sha256") not in (None, base_sha):
-                raise DmmError(
-                    f"previous student {cfg.init_from} was merged on another base; run a full merge"
-                )
-        previous = StyleStudent.from_pipeline(cfg.init_from)
-        try:
-            previous.validate_base(base_unet)
-        except ValueError as exc:
-            raise DmmError(str(exc).splitlines()[0]) from exc
-    final_names, old_styles = plan_styles(cfg, previous.style_names if previous else None)
-    sources = make_sources(cfg, old_styles)
+def _load_previous(cfg: DistillConfig, base_unet, base_sha: str):
+    """The frozen previous student of an incremental merge (None for a full merge)."""
+    from dmm.student.model import StyleStudent
+
+    if cfg.init_from is None:
+        return None
+    if not (Path(cfg.init_from) / "model_index.json").is_file():
+        raise DmmError(f"previous student not found: {cfg.init_from}")
+    lineage_file = Path(cfg.init_from) / LINEAGE
+    if lineage_file.is_file():
+        parent = json.loads(lineage_file.read_text())
+        if parent.get("base_sha256") not in (None, base_sha):
+            raise DmmError(
+                f"previous student {cfg.init_from} was merged on another base; run a full merge"
+            )
+    previous = StyleStudent.from_pipeline(cfg.init_from)
+    try:
+        previous.validate_base(base_unet)
+    except ValueError as exc:
+        raise DmmError(str(exc).splitlines()[0]) from exc
+    return previous
+
+
+def _build_student(cfg: DistillConfig, base_unet, previous, final_names: list[str]):
+    """The student in training mode: from the base (or the teachers' mean), or the previous one."""
+    import copy
+
+    from dmm.student.model import StyleStudent
 
     if previous is None:
         student = StyleStudent.from_base(base_unet, final_names, seed=cfg.seed)
@@ -424,23 +504,20 @@ def _distill(cfg: DistillConfig) -> Path:
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
     student.train()
+    return student
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        cfg.mixed_precision, torch.float32
-    )
-    owned = assign_teachers(len(sources), world)[rank]
-    my_teachers = [sources[i].teacher_index for i in owned if sources[i].teacher_index is not None]
-    bank = TeacherBank(
-        [cfg.teachers[i].name for i in my_teachers],
-        [cfg.teachers[i].path for i in my_teachers],
-        base_state,
-        device,
-        weight_dtype,
-        cfg.teacher_placement,
-    )
-    old_prev_index = (
-        torch.tensor([previous.style_names.index(n) for n in old_styles]) if old_styles else None
-    )
+
+def _load_source_data(
+    cfg: DistillConfig,
+    sources: list[Source],
+    owned: list[int],
+    previous,
+    old_styles: list[str],
+    old_prev_index: torch.Tensor | None,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+) -> dict[int, TeacherData]:
+    """The x0 pool of each source this process owns, by source index."""
     loaded: dict[int, TeacherData] = {}  # a process owning the previous student needs them all
 
     def teacher_data(i: int) -> TeacherData:
@@ -472,22 +549,22 @@ def _distill(cfg: DistillConfig) -> Path:
             data[si] = old_style_data()
         else:
             data[si] = old_style_data().for_style(src.old_style)
-    want = (
-        base_unet.config.in_channels,
-        base_unet.config.sample_size,
-        base_unet.config.sample_size,
-    )
+    return data
+
+
+def _check_latent_shapes(data: dict[int, TeacherData], sources: list[Source], base_unet) -> None:
+    c = base_unet.config
+    want = (c.in_channels, c.sample_size, c.sample_size)
     for si, d in data.items():
         if tuple(d.latents.shape[1:]) != want:
             raise DmmError(
                 f"samples of {sources[si].name!r} have latent shape {tuple(d.latents.shape[1:])}, "
                 f"the base expects {want}"
             )
-    sched_cfg = DDPMScheduler.load_config(Path(cfg.base) / "scheduler")
-    alphas = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
-    style_index = {n: i for i, n in enumerate(final_names)}
-    old_new_index = torch.tensor([style_index[n] for n in old_styles]) if old_styles else None
 
+
+def _make_optimizer(cfg: DistillConfig, student) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW with the UNet and the style pathway as groups, each with its own lr schedule."""
     style_params = [
         p for n, p in student.named_parameters() if p.requires_grad and is_style_param(n)
     ]
@@ -501,216 +578,297 @@ def _distill(cfg: DistillConfig) -> Path:
     lambdas = [lambda s: unet_lr_factor(s, cfg)]
     if style_params:
         lambdas.append(lambda s: lr_factor(s, cfg))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-    use_adv = cfg.losses.adversarial > 0
-    disc = disc_opt = None
-    if use_adv:
-        disc = StyleDiscriminator(load_unet(cfg.base).to(device, weight_dtype), len(final_names))
-        disc_opt = torch.optim.AdamW(disc.head.parameters(), lr=cfg.losses.discriminator_lr)
-        disc, disc_opt = accelerator.prepare(disc, disc_opt)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _make_discriminator(cfg: DistillConfig, n_styles: int, device, weight_dtype, accelerator):
+    """The adversarial loss's discriminator and its optimizer, or (None, None) when it is off."""
+    if cfg.losses.adversarial <= 0:
+        return None, None
+    disc = StyleDiscriminator(load_unet(cfg.base).to(device, weight_dtype), n_styles)
+    disc_opt = torch.optim.AdamW(disc.head.parameters(), lr=cfg.losses.discriminator_lr)
+    return accelerator.prepare(disc, disc_opt)
+
+
+def setup(cfg: DistillConfig) -> TrainState:
+    """Build everything one process trains with, resumed from a checkpoint when asked."""
+    accelerator = _make_accelerator(cfg)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_seed(cfg.seed)
+    for spec in cfg.teachers:
+        if not spec.path.is_dir():
+            raise DmmError(f"teacher {spec.name!r}: pipeline folder not found: {spec.path}")
+    base_unet = load_unet(cfg.base)
+    base_sha = base_fingerprint(cfg.base)
+    previous = _load_previous(cfg, base_unet, base_sha)
+    final_names, old_styles = plan_styles(cfg, previous.style_names if previous else None)
+    sources = make_sources(cfg, old_styles)
+    student = _build_student(cfg, base_unet, previous, final_names)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        cfg.mixed_precision, torch.float32
+    )
+    owned = assign_teachers(len(sources), world)[rank]
+    mine = [sources[i].teacher_index for i in owned if sources[i].teacher_index is not None]
+    bank = TeacherBank(
+        [cfg.teachers[i].name for i in mine],
+        [cfg.teachers[i].path for i in mine],
+        base_unet.state_dict(),
+        device,
+        weight_dtype,
+        cfg.teacher_placement,
+    )
+    old_prev_index = (
+        torch.tensor([previous.style_names.index(n) for n in old_styles]) if old_styles else None
+    )
+    data = _load_source_data(
+        cfg, sources, owned, previous, old_styles, old_prev_index, device, weight_dtype
+    )
+    _check_latent_shapes(data, sources, base_unet)
+    sched_cfg = DDPMScheduler.load_config(Path(cfg.base) / "scheduler")
+    index = {n: i for i, n in enumerate(final_names)}
+    optimizer, lr_sched = _make_optimizer(cfg, student)
+    disc, disc_opt = _make_discriminator(cfg, len(final_names), device, weight_dtype, accelerator)
     student, optimizer, lr_sched = accelerator.prepare(student, optimizer, lr_sched)
-    ema = None
-    if cfg.ema:
-        from diffusers.training_utils import EMAModel
+    state = TrainState(
+        cfg, accelerator, student, previous, sources, owned, bank, data,
+        DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float(),
+        final_names, old_styles, old_prev_index,
+        torch.tensor([index[n] for n in old_styles]) if old_styles else None,
+        weight_dtype, optimizer, lr_sched, disc, disc_opt, _make_ema(cfg, accelerator, student),
+        Progress(), base_sha, None, Counter(), cfg.fingerprint(),
+    )  # fmt: skip
+    _resume(state)
+    return state
 
-        ema = EMAModel(accelerator.unwrap_model(student).parameters(), decay=cfg.ema_decay)
-        ema.to(device)
-        accelerator.register_for_checkpointing(ema)
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
 
-    resume_from = ckpt.resolve_resume(ckpt_root, cfg.resume)
+def _make_ema(cfg: DistillConfig, accelerator: Accelerator, student):
+    if not cfg.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(accelerator.unwrap_model(student).parameters(), decay=cfg.ema_decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def _resume(state: TrainState) -> None:
+    """Load the checkpoint ``resume`` names, open the trackers and the metrics log."""
+    accelerator, cfg = state.accelerator, state.cfg
+    accelerator.register_for_checkpointing(state.progress)
+    resume_from = ckpt.resolve_resume(state.ckpt_root, cfg.resume, state.fingerprint)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        log.info("resumed from %s at step %d", resume_from, progress.step)
-
+        log.info("resumed from %s at step %d", resume_from, state.progress.step)
+    state.last_good = resume_from
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        state.out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("dmm-distill", config=json.loads(cfg.model_dump_json()))
-    metrics_file = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        _truncate_log(metrics_file, progress.step)
-    use_feat = cfg.losses.feature > 0
-    processed: Counter = Counter()
-    bar = tqdm(
-        total=cfg.steps,
-        initial=progress.step,
-        desc="distill",
-        disable=not (cfg.progress and accelerator.is_local_main_process),
-        mininterval=2,
-    )
-    t_start = time.perf_counter()
-    last_good = resume_from
+        state.metrics = MetricsLog(state.metrics_file, state.progress.step)
+        state.live = LiveMetrics.from_env()
+    state.t_start = time.perf_counter()
+
+
+def _teacher_for(state: TrainState, si: int, mb: MicroBatch, gen: torch.Generator):
+    """(teacher, module to hook for features, student style, teacher style or None)."""
+    src = state.sources[si]
+    if src.teacher_index is not None:
+        teacher = state.bank.get(src.name)
+        return teacher, teacher, state.style_index[src.name], None
+    # The previous student shows what an old style looked like before this
+    # merge: the source's own style (per_style), or, in a shared micro-batch,
+    # the style a replayed x0 shows or a random one.
+    batch = state.cfg.batch_size
+    if src.old_style is not None:
+        pick = torch.full((batch,), src.old_style)
+    elif state.data[si].styles is not None:  # replayed x0: ask for the style it shows
+        pick = state.data[si].styles[mb.idx]
+    else:
+        pick = torch.randint(0, len(state.old_styles), (batch,), generator=gen)
+    one_hot = torch.nn.functional.one_hot
+    style = one_hot(state.old_new_index[pick], len(state.final_names)).float()
+    prev_style = one_hot(state.old_prev_index[pick], len(state.previous.style_names)).float()
+    return state.previous, state.previous.unet, style, prev_style
+
+
+def _adversarial(state: TrainState, mb: MicroBatch, x_t, t, eps_s, eps_t, style):
+    """(generator's adversarial loss, discriminator's loss) of one teacher micro-batch."""
     ce = torch.nn.functional.cross_entropy
-    while progress.step < cfg.steps:
-        step = progress.step
-        plan = step_plan(len(sources), world, step)
-        global_count = Counter(t for p in plan for t, _ in p)
-        sums: Counter = Counter()
-        per_source: dict[str, float] = {}
-        for k, (si, rep) in enumerate(plan[rank]):
-            src = sources[si]
-            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, step, si, rep))
-            mb = draw(data[si], cfg.batch_size, gen, alphas, cfg.caption_dropout)
-            x_t, t = mb.x_t.to(device), mb.t.to(device)
-            t_cond = mb.teacher_cond.to(device, weight_dtype)
-            if src.teacher_index is not None:
-                style = style_index[src.name]
-                teacher = bank.get(src.name)
-                prev_style = None
-                hooked = teacher
+    device, alphas, disc = state.accelerator.device, state.alphas, state.disc
+    a_t = alphas.to(device)[t]
+    x0_s = predict_x0(x_t, eps_s.float(), a_t)
+    x0_t = predict_x0(x_t, eps_t.float(), a_t)
+    renoise = mb.renoise.to(device)
+    cond = mb.student_cond.to(device)
+    fake = torch.full_like(t, len(state.final_names) + style)
+    real = torch.full_like(t, style)
+    d_loss = ce(disc(x0_s.detach(), cond, alphas, renoise), fake) + ce(
+        disc(x0_t, cond, alphas, renoise), real
+    )
+    return ce(disc(x0_s, cond, alphas, renoise), real), d_loss
+
+
+def _micro_batch(state: TrainState, step: int, si: int, rep: int, scale: float, sync: bool):
+    """Forward and backward of one source's micro-batch; returns (loss terms, total loss)."""
+    cfg, accelerator, dtype = state.cfg, state.accelerator, state.weight_dtype
+    device, losses = accelerator.device, cfg.losses
+    gen = torch.Generator().manual_seed(_seed_for(cfg.seed, step, si, rep))
+    mb = draw(state.data[si], cfg.batch_size, gen, state.alphas, cfg.caption_dropout)
+    x_t, t = mb.x_t.to(device), mb.t.to(device)
+    t_cond = mb.teacher_cond.to(device, dtype)
+    teacher, hooked, style, prev_style = _teacher_for(state, si, mb, gen)
+    use_feat = losses.feature > 0
+    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(state.student)
+    with ctx:
+        with torch.no_grad(), block_outputs(hooked) as t_feats:
+            if prev_style is None:
+                eps_t = teacher(x_t.to(dtype), t, t_cond).sample
             else:
-                # The previous student shows what an old style looked like
-                # before this merge: the source's own style (per_style), or, in
-                # a shared micro-batch, the style a replayed x0 shows or a
-                # random one.
-                if src.old_style is not None:
-                    pick = torch.full((cfg.batch_size,), src.old_style)
-                elif data[si].styles is not None:  # replayed x0: ask for the style it shows
-                    pick = data[si].styles[mb.idx]
-                else:
-                    pick = torch.randint(0, len(old_styles), (cfg.batch_size,), generator=gen)
-                style = torch.nn.functional.one_hot(old_new_index[pick], len(final_names)).float()
-                prev_style = torch.nn.functional.one_hot(
-                    old_prev_index[pick], len(previous.style_names)
-                ).float()
-                teacher = previous
-                hooked = previous.unet
-            sync = k == len(plan[rank]) - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(student)
-            with ctx:
-                with torch.no_grad(), block_outputs(hooked) as t_feats:
-                    if prev_style is None:
-                        eps_t = teacher(x_t.to(weight_dtype), t, t_cond).sample
-                    else:
-                        eps_t = teacher(
-                            x_t.to(weight_dtype), t, t_cond, style=prev_style.to(device)
-                        )
-                style_arg = style.to(device) if torch.is_tensor(style) else style
-                with accelerator.autocast():
-                    out = student(
-                        x_t,
-                        t,
-                        mb.student_cond.to(device),
-                        style=style_arg,
-                        return_features=use_feat,
-                    )
-                    eps_s, s_feats = _split_output(out)
-                    terms = {}
-                    if cfg.losses.score:
-                        terms["score"] = score_loss(eps_s, eps_t)
-                    if use_feat:
-                        terms["feature"] = feature_loss(s_feats, t_feats)
-                    if use_adv and src.teacher_index is not None:
-                        a_t = alphas.to(device)[t]
-                        x0_s = predict_x0(x_t, eps_s.float(), a_t)
-                        x0_t = predict_x0(x_t, eps_t.float(), a_t)
-                        renoise = mb.renoise.to(device)
-                        cond = mb.student_cond.to(device)
-                        fake = torch.full_like(t, len(final_names) + style)
-                        real = torch.full_like(t, style)
-                        d_loss = ce(disc(x0_s.detach(), cond, alphas, renoise), fake) + ce(
-                            disc(x0_t, cond, alphas, renoise), real
-                        )
-                        terms["adversarial"] = ce(disc(x0_s, cond, alphas, renoise), real)
-                    loss = terms.get("score", 0.0) * 1.0
-                    if use_feat:
-                        loss = loss + cfg.losses.feature * terms["feature"]
-                    if "adversarial" in terms:
-                        loss = loss + cfg.losses.adversarial * terms["adversarial"]
-                if not torch.is_tensor(loss):
-                    raise DmmError("every loss is switched off; enable at least one")
-                # DDP averages over processes; this weight gives each source
-                # exactly its share of the step whatever the process count.
-                scale = world * src.weight / global_count[si]
-                accelerator.backward(loss * scale)
-                if "adversarial" in terms:
-                    disc_opt.zero_grad(set_to_none=True)
-                    accelerator.backward(d_loss * scale)
-                    disc_opt.step()
-                    terms["discriminator"] = d_loss
-            for name, v in terms.items():
-                sums[name] += float(v.detach()) / len(plan[rank])
-            sums["total"] += float(loss.detach()) / len(plan[rank])
-            per_source[src.name] = float(terms.get("score", loss).detach())
-            processed[src.name] += cfg.batch_size
-
-        finite = torch.tensor([math.isfinite(sums["total"])], device=device, dtype=torch.float32)
-        if accelerator.gather(finite).min().item() < 1:
-            accelerator.end_training()
-            where = (
-                f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+                eps_t = teacher(x_t.to(dtype), t, t_cond, style=prev_style.to(device))
+        style_arg = style.to(device) if torch.is_tensor(style) else style
+        with accelerator.autocast():
+            out = state.student(
+                x_t, t, mb.student_cond.to(device), style=style_arg, return_features=use_feat
             )
-            raise DmmError(f"loss is NaN/inf at step {step}; training stopped ({where})")
-        accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(student).parameters())
-        progress.step += 1
-        bar.update(1)
+            eps_s, s_feats = _split_output(out)
+            terms = {}
+            if losses.score:
+                terms["score"] = score_loss(eps_s, eps_t)
+            if use_feat:
+                terms["feature"] = feature_loss(s_feats, t_feats)
+            if losses.adversarial > 0 and state.sources[si].teacher_index is not None:
+                terms["adversarial"], d_loss = _adversarial(state, mb, x_t, t, eps_s, eps_t, style)
+            loss = terms.get("score", 0.0) * 1.0
+            if use_feat:
+                loss = loss + losses.feature * terms["feature"]
+            if "adversarial" in terms:
+                loss = loss + losses.adversarial * terms["adversarial"]
+        if not torch.is_tensor(loss):
+            raise DmmError("every loss is switched off; enable at least one")
+        accelerator.backward(loss * scale)
+        if "adversarial" in terms:
+            state.disc_opt.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss * scale)
+            state.disc_opt.step()
+            terms["discriminator"] = d_loss
+    return terms, loss
 
-        if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
-            record = {f"loss/{k}": v for k, v in sums.items()}
-            record.update({f"loss_score/{k}": v for k, v in per_source.items()})
-            record["lr"] = lr_sched.get_last_lr()[0]
-            record["step"] = progress.step
-            record["elapsed_s"] = round(time.perf_counter() - t_start, 3)
-            accelerator.log(record, step=progress.step)
-            if accelerator.is_main_process:
-                with open(metrics_file, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{sums['total']:.4f}")
 
-        if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.steps:
-            tmp = ckpt.tmp_dir_for(ckpt_root, progress.step)
-            accelerator.save_state(str(tmp))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                last_good = ckpt.finalize(ckpt_root, progress.step, cfg.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-    bar.close()
+def train_step(state: TrainState) -> dict[str, float]:
+    """One optimizer step over this process's micro-batches; returns the step's record."""
+    cfg, accelerator = state.cfg, state.accelerator
+    world, step = accelerator.num_processes, state.progress.step
+    plan = step_plan(len(state.sources), world, step)
+    mine = plan[accelerator.process_index]
+    global_count = Counter(t for p in plan for t, _ in p)
+    sums: Counter = Counter()
+    per_source: dict[str, float] = {}
+    for k, (si, rep) in enumerate(mine):
+        src = state.sources[si]
+        # DDP averages over processes; this weight gives each source exactly
+        # its share of the step whatever the process count.
+        scale = world * src.weight / global_count[si]
+        terms, loss = _micro_batch(state, step, si, rep, scale, sync=k == len(mine) - 1)
+        for name, v in terms.items():
+            sums[name] += float(v.detach()) / len(mine)
+        sums["total"] += float(loss.detach()) / len(mine)
+        per_source[src.name] = float(terms.get("score", loss).detach())
+        state.processed[src.name] += cfg.batch_size
+    _stop_unless_finite(state, sums["total"], step)
+    accelerator.clip_grad_norm_(state.student.parameters(), cfg.grad_clip)
+    state.optimizer.step()
+    state.lr_sched.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.step(accelerator.unwrap_model(state.student).parameters())
+    state.progress.step += 1
+    record = {f"loss/{k}": v for k, v in sums.items()}
+    record.update({f"loss_score/{k}": v for k, v in per_source.items()})
+    record["lr"] = state.lr_sched.get_last_lr()[0]
+    record["step"] = state.progress.step
+    return record
 
+
+def _stop_unless_finite(state: TrainState, total: float, step: int) -> None:
+    """Stop every process when any one's loss is NaN/inf, naming the last good checkpoint."""
+    accelerator = state.accelerator
+    finite = torch.tensor([math.isfinite(total)], device=accelerator.device, dtype=torch.float32)
+    if accelerator.gather(finite).min().item() < 1:
+        accelerator.end_training()
+        last = state.last_good
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was written"
+        raise DmmError(f"loss is NaN/inf at step {step}; training stopped ({where})")
+
+
+def log_record(state: TrainState, record: dict[str, float]) -> None:
+    """Send a step's record to the trackers and, on the main process, to metrics.jsonl."""
+    record = {**record, "elapsed_s": round(time.perf_counter() - state.t_start, 3)}
+    state.accelerator.log(record, step=record["step"])
+    if state.metrics is not None:
+        state.metrics.append(record)
+    if state.live is not None:
+        state.live.add(record)
+
+
+def save_checkpoint(state: TrainState) -> None:
+    """Write, seal and publish the checkpoint of the current step (every process takes part)."""
+    accelerator, step = state.accelerator, state.progress.step
+    accelerator.save_state(str(ckpt.tmp_dir_for(state.ckpt_root, step)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        limit = state.cfg.checkpoints_total_limit
+        state.last_good = ckpt.finalize(state.ckpt_root, step, limit, state.fingerprint)
+    accelerator.wait_for_everyone()
+
+
+def _lineage(state: TrainState) -> dict:
+    cfg = state.cfg
+    return {
+        "base_sha256": state.base_sha,
+        "styles": state.final_names,
+        "merge_kind": "incremental" if state.previous is not None else "full",
+        "parent": str(cfg.init_from) if cfg.init_from else None,
+        "old_styles": state.old_styles,
+        "new_styles": [n for n in cfg.style_names],
+        "retired": list(cfg.retire),
+        "old_style_ratio": cfg.old_share(len(state.old_styles)),
+    }
+
+
+def finalize(state: TrainState) -> Path:
+    """Save the student folder with its lineage, and the run's summary; returns the folder."""
+    accelerator, out_dir, sources = state.accelerator, state.out_dir, state.sources
+    rank, world = accelerator.process_index, accelerator.num_processes
     (out_dir / f"rank-{rank}.json").write_text(
         json.dumps(
             {
                 "rank": rank,
                 "world": world,
-                "teachers": [sources[i].teacher_index for i in owned],
-                "samples": dict(processed),
+                "teachers": [sources[i].teacher_index for i in state.owned],
+                "samples": dict(state.processed),
             }
         )
     )
     accelerator.wait_for_everyone()
     final = out_dir / "student"
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        lineage = {
-            "base_sha256": base_sha,
-            "styles": final_names,
-            "merge_kind": "incremental" if previous is not None else "full",
-            "parent": str(cfg.init_from) if cfg.init_from else None,
-            "old_styles": old_styles,
-            "new_styles": [n for n in cfg.style_names],
-            "retired": list(cfg.retire),
-            "old_style_ratio": cfg.old_share(len(old_styles)),
-        }
+        model = accelerator.unwrap_model(state.student)
+        if state.ema is not None:
+            state.ema.copy_to(model.parameters())
+        lineage = _lineage(state)
         with atomic_dir(final) as tmp:
-            model.save_pipeline(tmp / "pipe", cfg.base)
+            model.save_pipeline(tmp / "pipe", state.cfg.base)
             for item in (tmp / "pipe").iterdir():
                 item.rename(tmp / item.name)
             (tmp / "pipe").rmdir()
             (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
         summary = {
-            "steps": progress.step,
+            "steps": state.progress.step,
             "world_size": world,
-            "styles": final_names,
+            "styles": state.final_names,
             "merge_kind": lineage["merge_kind"],
-            "seconds": round(time.perf_counter() - t_start, 2),
-            "teacher_placement": bank.placement,
+            "seconds": round(time.perf_counter() - state.t_start, 2),
+            "teacher_placement": state.bank.placement,
         }
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()

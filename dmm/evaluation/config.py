@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dmm.device import DEVICE_HELP, DEVICE_PATTERN, resolve_device
 from dmm.names import STYLE_NAME_PATTERN
 
 
@@ -53,15 +54,7 @@ class EvaluateConfig(BaseModel):
     base: Path | None = Field(None, description="base pipeline (needed for convergence)")
     # Sampling dominates evaluation time; on a GPU every pipeline is moved there.
     # Seeds stay on CPU generators, so images match across devices up to float error.
-    device: str = Field(
-        "auto",
-        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
-        description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1", "mps"',
-    )
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
 
     def torch_device(self):
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)

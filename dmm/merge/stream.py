@@ -13,7 +13,6 @@ fsync, rename) or not at all.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from dmm.atomic import DmmError, atomic_dir, atomic_file
+from dmm.hashing import sha256_file
 from dmm.merge import methods
 from dmm.merge.blocks import block_strengths
 from dmm.merge.config import MergeConfig
@@ -164,14 +164,6 @@ class SafetensorsWriter:
 
     def missing(self) -> list[str]:
         return [k for k in self.order if k not in self._written]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 from dmm.atomic import DmmError, atomic_dir
-
-LINEAGE = "dmm_lineage.json"
+from dmm.names import LINEAGE_FILE as LINEAGE
 
 
 def retire_styles(student_dir: Path, names: list[str], out_dir: Path) -> Path:
