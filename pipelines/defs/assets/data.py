@@ -16,22 +16,25 @@ from pipelines.defs.partitions import SINGLE_RUN, TEACHER_PARTITIONS, sync_parti
 from pipelines.defs.resources import DvcResource, ProjectResource
 
 GROUP = "data"
+# Bumped when an asset's own code changes what it makes (its stages are DVC's concern).
+CODE_VERSION = "2"
 
 
 def teacher_records(project: ProjectResource, names: list[str]) -> dict[str, dict]:
-    records = {}
-    for name in names:
-        path = project.path(layout.TEACHERS) / name / layout.TEACHER_RECORD
-        if not path.is_file():
-            raise dg.Failure(description=f"teacher {name!r} has no {path}; materialize teachers")
-        records[name] = json.loads(path.read_text())
-    return records
+    from dmm.atomic import DmmError
+    from dmm.plan import teacher_records as read_records
+
+    try:
+        return read_records(project.root, names)
+    except DmmError as exc:
+        raise dg.Failure(description=str(exc)) from exc
 
 
 @dg.asset(
     group_name=GROUP,
     kinds={"yaml"},
     backfill_policy=SINGLE_RUN,
+    code_version=CODE_VERSION,
     description="data/teachers.yaml, validated; keeps one `teachers` partition per entry.",
 )
 def teacher_manifest(context: dg.AssetExecutionContext, project: ProjectResource):
@@ -67,11 +70,12 @@ def teacher_manifest(context: dg.AssetExecutionContext, project: ProjectResource
     kinds={"dvc", "diffusers"},
     pool="dvc",
     backfill_policy=SINGLE_RUN,
+    code_version=CODE_VERSION,
     description="The manifest's base pipeline, and the toy zoo with its style classifier "
     "(`dvc repro zoo`).",
 )
 def base_model(context: dg.AssetExecutionContext, project: ProjectResource, dvc: DvcResource):
-    from dmm.data.samples import weights_sha256
+    from dmm.hashing import weights_sha256
 
     manifest = project.manifest()
     # The zoo is built for every base: its style classifier is evaluation's feature net.
@@ -98,6 +102,7 @@ def base_model(context: dg.AssetExecutionContext, project: ProjectResource, dvc:
     kinds={"dvc"},
     pool="dvc",
     backfill_policy=SINGLE_RUN,
+    code_version=CODE_VERSION,
     description="Train / eval prompt sets (`dvc repro prompts`).",
 )
 def prompt_set(context: dg.AssetExecutionContext, project: ProjectResource, dvc: DvcResource):
@@ -122,6 +127,7 @@ def prompt_set(context: dg.AssetExecutionContext, project: ProjectResource, dvc:
     group_name=GROUP,
     partitions_def=TEACHER_PARTITIONS,
     backfill_policy=SINGLE_RUN,
+    code_version=CODE_VERSION,
     deps=[teacher_manifest, base_model],
     kinds={"dvc", "diffusers"},
     pool="dvc",
@@ -157,6 +163,7 @@ def teachers(context: dg.AssetExecutionContext, project: ProjectResource, dvc: D
     group_name=GROUP,
     partitions_def=TEACHER_PARTITIONS,
     backfill_policy=SINGLE_RUN,
+    code_version=CODE_VERSION,
     deps=[teachers, prompt_set],
     kinds={"dvc", "safetensors"},
     pool="dvc",
@@ -164,7 +171,7 @@ def teachers(context: dg.AssetExecutionContext, project: ProjectResource, dvc: D
     "(`dvc repro samples@<i>`), checked to come from exactly the partition's teacher weights.",
 )
 def teacher_samples(context: dg.AssetExecutionContext, project: ProjectResource, dvc: DvcResource):
-    from dmm.data.samples import weights_sha256
+    from dmm.hashing import weights_sha256
 
     names = list(context.partition_keys)
     position = {t.name: i for i, t in enumerate(project.manifest().teachers)}

@@ -10,7 +10,13 @@ import json
 import dagster as dg
 
 from dmm import layout, names
-from pipelines.defs.assets.data import base_model, prompt_set, teacher_samples, teachers
+from pipelines.defs.assets.data import (
+    CODE_VERSION,
+    base_model,
+    prompt_set,
+    teacher_samples,
+    teachers,
+)
 from pipelines.defs.config import (
     BaselinesRunConfig,
     DistillRunConfig,
@@ -29,8 +35,6 @@ from pipelines.defs.resources import (
 
 GROUP = "models"
 EVALUATION_GATE = "evaluation_gate"
-# Bumped when an asset's own code changes what it makes (its stages are DVC's concern).
-CODE_VERSION = "2"
 # What the trainer reports through Pipes that the plan does not already say.
 PIPES_METADATA = ("steps", "world_size", "train_seconds", "teacher_placement")
 
