@@ -71,13 +71,14 @@ def _loss_curves(metrics_file: Path, path: Path) -> bool:
 def write_report(
     out: Path,
     results: dict,
-    teacher_imgs: dict,
-    student_imgs: dict,
-    baseline_imgs: dict,
+    images: dict,
     strip: dict | None,
+    gate=None,
     metrics_file: Path | None = None,
     columns: int = 8,
 ) -> None:
+    teacher_imgs, student_imgs = images["teacher"], images["student"]
+    baseline_imgs = images["baseline"]
     names = results["styles"]
     fe = results["feature_extractor"]
     figures: list[tuple[str, str]] = []
@@ -159,7 +160,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max
 <p>Distances are Frechet distances of <b>{html.escape(fe)}</b> features
 ({results["feature_dim"]} dims, {results["images_per_style"]} images per style){"" if fe.startswith("inception") else " — not FID"}.</p>
 <p><b>FD_t</b> = {results["fid_t"]:.4g}, reference floor = {results["fid_t_ref"]:.4g},
-<b>ratio = {results["fid_t_ratio"]:.3f}</b>; off-diagonal / diagonal = {results["separation"] or float("nan"):.3g}</p>
+<b>ratio = {results["fid_t_ratio"]:.3f}</b>; off-diagonal / diagonal = {results.get("separation") or float("nan"):.3g}</p>
 <h2>Per style</h2>{table(per_style, ["style", "M(i,i)", "M_ref(i,i)", "student style acc.", "teacher style acc."])}
 <h2>Static baselines</h2>{table(base_rows, ["method", "FD_t", "ratio", "mean style acc."]) if base_rows else "<p>none</p>"}
 <h2>Figures</h2>{imgs_html}
