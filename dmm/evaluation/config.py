@@ -48,8 +48,16 @@ class EvaluateConfig(BaseModel):
         description="fail unless the independent-seed ratio's interval is at most +/- this "
         "(the error names the images per style it needs)",
     )
-    interpolate: tuple[str, str] | None = None
-    interpolation_points: int = Field(6, ge=2)
+    # Mixing (paper Table 3): the student's style path between two styles against
+    # weight-averaging the two teachers; interior points cost 2 x mixing_images samples each.
+    mixing: bool = Field(True, description="compare style mixing with weight averaging")
+    interpolate: tuple[str, str] | None = Field(
+        None, description="the two styles of the mixing path (default: the first two)"
+    )
+    interpolation_points: int = Field(5, ge=2, description="points on the path, ends included")
+    mixing_images: int = Field(
+        128, ge=1, description="images per point (FD to the ends needs 2 x the feature width)"
+    )
     batch_size: int = Field(192, ge=1)
     cache_dir: Path | None = Field(
         None,

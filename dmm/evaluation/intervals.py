@@ -106,7 +106,10 @@ def interval(estimate: float, replicates: torch.Tensor, confidence: float) -> li
         return [estimate, estimate]
     q = torch.quantile(r, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
     centre = float(r.mean())
-    return [max(0.0, estimate - (float(q[1]) - centre)), estimate - (float(q[0]) - centre)]
+    lo, hi = estimate - (float(q[1]) - centre), estimate - (float(q[0]) - centre)
+    # Degenerate replicates (a student identical to its teacher: every FD at
+    # round-off) can leave the estimate outside; it always belongs inside.
+    return [max(0.0, min(lo, estimate)), max(hi, estimate)]
 
 
 def wilson_interval(successes: float, n: int, confidence: float) -> list[float]:

@@ -193,8 +193,35 @@ def score(cfg: EvaluateConfig, student, clf, extractor, device, progress: bool =
     return results, first
 
 
+def run_meta(cfg: EvaluateConfig) -> dict:
+    """Run id, commit, steps and date for the report's header (whatever is known)."""
+    import datetime as dt
+    import subprocess
+
+    from dmm.registry.tracking import read_run_file
+
+    root = Path(cfg.distill_dir) if cfg.distill_dir else Path(cfg.student).parent
+    meta: dict = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    summary = root / "summary.json"
+    if summary.is_file():
+        meta["steps"] = json.loads(summary.read_text()).get("steps")
+    run = read_run_file(root) or read_run_file(Path(cfg.student))
+    meta["run_id"] = (run or {}).get("run_id")
+    try:
+        meta["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except OSError:
+        pass  # not a git checkout: no commit to show
+    return meta
+
+
 def evaluate(cfg: EvaluateConfig, progress: bool = True, gate=None) -> dict:
-    """Run the protocol; writes evaluation.json, figures and report.html; returns the results."""
+    """Run the protocol; writes evaluation.json, figures and report.html; returns the results.
+
+    ``gate`` (GateThresholds, optional): judge the results and show the verdict
+    in the report and under ``gate`` in evaluation.json.
+    """
     t0 = time.perf_counter()
     names = [t.name for t in cfg.teachers]
     _check_inputs(cfg)
@@ -213,6 +240,12 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, gate=None) -> dict:
     _convergence(cfg, results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     _check_target(cfg, results)
+    verdict = None
+    if gate is not None:
+        from dmm.registry.gate import check_gate
+
+        verdict = check_gate(results, gate)
+        results["gate"] = {"passed": verdict.passed, "summary": verdict.summary()}
 
     from dmm.evaluation.report import write_report
 
@@ -220,7 +253,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, gate=None) -> dict:
     with atomic_dir(out) as tmp:
         (tmp / "evaluation.json").write_text(json.dumps(results, indent=2))
         write_report(
-            tmp, results, first, strip, gate=gate,
+            tmp, results, first, strip, gate=verdict, meta=run_meta(cfg),
             metrics_file=(cfg.distill_dir / "metrics.jsonl") if cfg.distill_dir else None,
         )  # fmt: skip
     return results
@@ -350,47 +383,10 @@ def _convergence(cfg: EvaluateConfig, results: dict) -> None:
 
 
 def _mixing(cfg, student, clf, first, extractor, device, results) -> dict | None:
-    names = list(student.style_names)
-    if not (cfg.interpolate or len(names) >= 2):
+    if not cfg.mixing or len(student.style_names) < 2:
         return None
-    a, b = cfg.interpolate or (names[0], names[1])
-    kw = dict(steps=cfg.steps, guidance_scale=cfg.guidance_scale, batch=cfg.batch_size)
-    strip = interpolation(student, clf, a, b, first["prompts"][:16], first["seeds"][:16], cfg, kw)
-    results["interpolation"] = strip["summary"]
-    return strip
+    from dmm.evaluation.mixing import mixing_study
 
-
-@torch.no_grad()
-def interpolation(student, clf, a: str, b: str, prompts, seeds, cfg: EvaluateConfig, kw) -> dict:
-    """Classifier probabilities along style = (1 - w) * a + w * b."""
-    names = list(student.style_names)
-    cls_names = list(clf.config.heads["style"])
-    ws = [i / (cfg.interpolation_points - 1) for i in range(cfg.interpolation_points)]
-    images, p_a, p_b = [], [], []
-    for w in ws:
-        imgs = sample(
-            student,
-            prompts,
-            seeds,
-            style={a: 1 - w, b: w} if 0 < w < 1 else (a if w == 0 else b),
-            **kw,
-        )
-        probs = style_probabilities(clf, imgs)
-        p_a.append(float(probs[:, cls_names.index(a)].mean()))
-        p_b.append(float(probs[:, cls_names.index(b)].mean()))
-        images.append(imgs[:4])
-    monotonic = all(x >= y - 1e-9 for x, y in zip(p_a, p_a[1:], strict=False)) and all(
-        x <= y + 1e-9 for x, y in zip(p_b, p_b[1:], strict=False)
-    )
-    del names
-    return {
-        "images": images,
-        "summary": {
-            "from": a,
-            "to": b,
-            "weights": ws,
-            "p_from": p_a,
-            "p_to": p_b,
-            "monotonic": monotonic,
-        },
-    }
+    study = mixing_study(cfg, student, clf, extractor, first, device)
+    results["mixing"] = study["summary"]
+    return study

@@ -76,6 +76,8 @@ def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.ndim == 0:
         return a / b
     ma, mb = a.mean(), b.mean()
+    if ma <= 0 or mb <= 0:
+        return a / b
     return ma / mb * torch.exp((a - ma) / ma - (b - mb) / mb)
 
 
