@@ -125,3 +125,40 @@ def test_the_parent_read_back_from_mlflow_metrics_has_the_same_intervals_and_flo
     metrics = evaluation_metrics(r)
     lo, hi = metrics["eval/fid_t_independent_ratio_lo"], metrics["eval/fid_t_independent_ratio_hi"]
     assert lo <= metrics["eval/fid_t_independent_ratio"] <= hi
+
+
+def test_mixing_path_and_weight_average_are_scored_on_the_mini_zoo(mini_zoo, tmp_path):
+    """Both paths get probabilities at every weight; the ends are the sampled endpoints."""
+    import json
+
+    from dmm.evaluation.classify import load_classifier
+    from dmm.evaluation.features import make_extractor
+    from dmm.evaluation.mixing import mixing_study, weight_average
+    from dmm.evaluation.sampling import load_pipeline, sample
+    from tests.test_evaluation import _student_from_base
+
+    zoo, _ = mini_zoo
+    names = ["pastel", "neon"]
+    student = load_pipeline(_student_from_base(zoo / "base", names, tmp_path / "s"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a small red circle"}))
+    cfg = EvaluateConfig(student=tmp_path / "s", prompts=prompts, classifier=zoo / "classifier",
+                         teachers=[{"name": n, "path": zoo / "teachers" / n} for n in names],
+                         images_per_style=8, steps=2, batch_size=8, interpolation_points=3)  # fmt: skip
+    p, s = ["a small red circle"] * 8, list(range(8))
+    kw = dict(steps=2, guidance_scale=3.0, batch=8)
+    teachers = {n: sample(load_pipeline(zoo / "teachers" / n), p, s, **kw) for n in names}
+    first = {"prompts": p, "seeds": s, "teacher": teachers,
+             "student": {n: sample(student, p, s, style=n, **kw) for n in names}}  # fmt: skip
+    clf = load_classifier(zoo / "classifier")
+    extractor = make_extractor("stylenet", zoo / "classifier")
+    study = mixing_study(cfg, student, clf, extractor, first, torch.device("cpu"))
+    mix = study["summary"]
+    assert mix["weights"] == [0.0, 0.5, 1.0] and mix["from"] == "pastel"
+    for method in ("dmm", "weight_average"):
+        assert len(mix[method]["p_to"]) == 3 and mix[method]["fd_to"] == [None] * 3  # 8 < 128
+        assert mix[method]["max_step"] is not None
+    # The weight average at w = 0 is teacher a itself.
+    pa, pb = load_pipeline(zoo / "teachers/pastel"), load_pipeline(zoo / "teachers/neon")
+    same = weight_average(pa, pb, 0.0).unet.state_dict()
+    assert all(torch.equal(v, pa.unet.state_dict()[k]) for k, v in same.items())

@@ -69,7 +69,12 @@ def _heatmap(matrix, labels_rows, labels_cols, title: str, path: Path) -> None:
             ax.text(j, i, _num(v), ha="center", va="center", fontsize=8, weight=bold,
                     color="white" if dark else "black")  # fmt: skip
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="FD (log scale)")
+    from matplotlib.ticker import FuncFormatter
+
+    bar = fig.colorbar(im, ax=ax, label="FD (log scale)")
+    plain = FuncFormatter(lambda v, _pos: _num(v))
+    bar.ax.yaxis.set_major_formatter(plain)
+    bar.ax.yaxis.set_minor_formatter(plain)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
