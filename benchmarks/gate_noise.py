@@ -117,14 +117,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--work", default="benchmarks/out/gate_noise")
     ap.add_argument("--analyse", help="re-gate a saved gate_noise.json instead of sampling")
+    ap.add_argument("--tolerance", type=float, help="old_style_tolerance (default: params.yaml)")
     args = ap.parse_args()
     from dmm.registry.gate import GateThresholds
 
     params = yaml.safe_load(Path(args.params).read_text()) if Path(args.params).is_file() else {}
     gate = ((params or {}).get("registry") or {}).get("gate") or {}
-    thresholds = GateThresholds(
-        **{k: v for k, v in gate.items() if k in GateThresholds.model_fields}
-    )
+    gate = {k: v for k, v in gate.items() if k in GateThresholds.model_fields}
+    if args.tolerance is not None:
+        gate["old_style_tolerance"] = args.tolerance
+    thresholds = GateThresholds(**gate)
     if args.analyse:
         data = json.loads(Path(args.analyse).read_text())
     else:

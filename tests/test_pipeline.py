@@ -375,7 +375,7 @@ def test_an_added_teacher_is_merged_incrementally_and_the_guard_judges_old_style
     manifest = repo / "data" / "teachers.yaml"
     manifest.write_text(manifest.read_text() + '  - {name: pastel2, source: "zoo:pastel"}\n')
     resources = resources_for(repo, uri)
-    gate = {**LENIENT_GATE, "max_old_style_regression": 1e9}
+    gate = {**LENIENT_GATE, "old_style_tolerance": 1e9}
     result = materialize_all(repo, dg.DagsterInstance.ephemeral(), resources, gate=gate)
     assert result.success
     student = materializations(result)["merged_student"][0].metadata
