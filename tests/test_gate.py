@@ -162,3 +162,17 @@ def test_mixing_path_and_weight_average_are_scored_on_the_mini_zoo(mini_zoo, tmp
     pa, pb = load_pipeline(zoo / "teachers/pastel"), load_pipeline(zoo / "teachers/neon")
     same = weight_average(pa, pb, 0.0).unet.state_dict()
     assert all(torch.equal(v, pa.unet.state_dict()[k]) for k, v in same.items())
+
+
+def test_dmm_evaluate_leads_with_the_independent_seed_ratio_and_its_interval(capsys):
+    from dmm.cli import _print_evaluation
+
+    r = evaluation(1)
+    r["gate"] = {"passed": False, "summary": "style neon: accuracy 0.05"}
+    _print_evaluation(r)
+    lines = capsys.readouterr().out.splitlines()
+    lo, hi = r["intervals"]["fid_t_independent_ratio"]
+    assert lines[0].startswith("independent-seed ratio") and f"[{lo:.3g}, {hi:.3g}]" in lines[0]
+    assert "1.0 = the reference floor, lower is better" in lines[0]
+    assert "shared-seed ratio" in lines[1]
+    assert lines[-1] == "gate: FAILED (style neon: accuracy 0.05)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -342,8 +343,10 @@ def uncertainty(cfg, names, f, iv, reps, spread) -> dict:
         "bootstrap": cfg.bootstrap,
         "repeats": cfg.repeats,
         "independent_ratio_half_width": half,
+        # An infinite ratio (a zero floor) has no width to scale.
         "images_per_style_for_half_width": {
-            str(t): images_needed(k * cfg.repeats, half, t) for t in (0.05, 0.1, 0.25, 0.5)
+            str(t): images_needed(k * cfg.repeats, half, t) if math.isfinite(half) else None
+            for t in (0.05, 0.1, 0.25, 0.5)
         },
         "per_style": per_style,
     }
@@ -353,7 +356,7 @@ def _check_target(cfg: EvaluateConfig, results: dict) -> None:
     if cfg.interval_target is None:
         return
     half = results["uncertainty"]["independent_ratio_half_width"]
-    if half > cfg.interval_target:
+    if math.isfinite(half) and half > cfg.interval_target:
         need = images_needed(cfg.images_per_style * cfg.repeats, half, cfg.interval_target)
         per_repeat = -(-need // cfg.repeats)
         raise DmmError(

@@ -270,7 +270,9 @@ def _uncertainty_section(results: dict) -> str:
     u = results.get("uncertainty")
     if not u:
         return ""
-    need = ", ".join(f"+/-{t}: {n}" for t, n in u["images_per_style_for_half_width"].items())
+    need = ", ".join(
+        f"+/-{t}: {n}" for t, n in u["images_per_style_for_half_width"].items() if n is not None
+    )
     return (
         f"<h2>Uncertainty</h2><p>{u['confidence']:.0%} intervals: {html.escape(u['method'])}; "
         f"{u['bootstrap']} replicates, {u['repeats']} repeat(s). The independent-seed ratio is "
