@@ -59,7 +59,7 @@ def _path_figures(images: list[torch.Tensor], clf, a: str, b: str, ends, extract
 @torch.no_grad()
 def mixing_study(cfg, student, clf, extractor, first: dict, device) -> dict:
     """Both paths' figures, and a few images per point of each (for the report's strips)."""
-    names = list(student.style_names)
+    names = [t.name for t in cfg.teachers]
     a, b = cfg.interpolate or (names[0], names[1])
     m = min(cfg.mixing_images, cfg.images_per_style)
     prompts, seeds = first["prompts"][:m], first["seeds"][:m]
