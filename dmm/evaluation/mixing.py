@@ -15,6 +15,7 @@ import copy
 
 import torch
 
+from dmm.atomic import DmmError
 from dmm.evaluation.classify import style_probabilities
 from dmm.evaluation.frechet import frechet_between, min_samples
 from dmm.evaluation.sampling import load_pipeline, sample
@@ -61,6 +62,10 @@ def mixing_study(cfg, student, clf, extractor, first: dict, device) -> dict:
     """Both paths' figures, and a few images per point of each (for the report's strips)."""
     names = [t.name for t in cfg.teachers]
     a, b = cfg.interpolate or (names[0], names[1])
+    if a not in names or b not in names or a == b:
+        raise DmmError(
+            f"interpolate: need two different styles of {', '.join(names)}, got {a}, {b}"
+        )
     m = min(cfg.mixing_images, cfg.images_per_style)
     prompts, seeds = first["prompts"][:m], first["seeds"][:m]
     ws = [i / (cfg.interpolation_points - 1) for i in range(cfg.interpolation_points)]
