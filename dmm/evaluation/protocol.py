@@ -99,6 +99,13 @@ def _check_inputs(cfg: EvaluateConfig) -> None:
         if not (Path(path) / "model_index.json").is_file():
             raise DmmError(f"baseline {name!r}: pipeline folder not found: {path}")
     check_bootstrap(cfg.bootstrap, cfg.confidence)
+    names = [t.name for t in cfg.teachers]
+    if cfg.interpolate and (set(cfg.interpolate) - set(names) or len(set(cfg.interpolate)) < 2):
+        # Checked before sampling: mixing runs last.
+        raise DmmError(
+            f"interpolate: need two different styles of {', '.join(names)}, "
+            f"got {', '.join(cfg.interpolate)}"
+        )
 
 
 def _check_width(cfg: EvaluateConfig, dim: int, name: str) -> None:
