@@ -364,10 +364,17 @@ def evaluate_cmd(
         ),
     ] = False,
 ) -> None:
-    """Run the FID_t protocol: student vs teachers vs static baselines; writes JSON + HTML report."""
+    """Run the FID_t protocol: student vs teachers vs static baselines; writes JSON + HTML report.
+
+    With a config that has `registry.gate` (params.yaml, or the plan's), the gate's verdict
+    is printed too.
+    """
+    import yaml
+
     from dmm import layout
     from dmm.config import load_stage_config
     from dmm.evaluation.config import EvaluateConfig
+    from dmm.registry.gate import GateThresholds
 
     if plan:
         config = Path(layout.EVALUATE_PLAN)
@@ -376,27 +383,54 @@ def evaluate_cmd(
 
             raise DmmError(f"no {config}: run `dmm plan` first")
     cfg = load_stage_config(EvaluateConfig, config, _yaml_section(config, "evaluate"), set_)
+    raw = yaml.safe_load(config.read_text()) if config is not None and config.exists() else None
+    gate_cfg = ((raw or {}).get("registry") or {}).get("gate") if isinstance(raw, dict) else None
+    thresholds = GateThresholds(**gate_cfg) if gate_cfg else None
+    if plan:
+        from dmm.plan import read_params, registry_config
+
+        thresholds = registry_config(read_params(Path("."))).gate
     _quiet_libraries()
     from dmm.evaluation.protocol import evaluate
 
-    r = evaluate(cfg)
+    r = evaluate(cfg, gate=thresholds)
     if plan:
         from dmm.workflow_cli import write_metrics
 
         write_metrics(Path("."), r, cfg.student)
+    _print_evaluation(r)
+    typer.echo(f"report: {Path(cfg.output_dir) / 'report.html'}")
+
+
+def _print_evaluation(r: dict) -> None:
+    iv = r.get("intervals") or {}
+
+    def ci(key: str) -> str:
+        return f" [{iv[key][0]:.3g}, {iv[key][1]:.3g}]" if iv.get(key) else ""
+
+    conf = (r.get("uncertainty") or {}).get("confidence", 0.9)
     typer.echo(
-        f"FD_t ({r['feature_extractor']}): {r['fid_t']:.4g}  reference: {r['fid_t_ref']:.4g}  ratio: {r['fid_t_ratio']:.3f}"
-        f"  (independent seeds: {r['fid_t_independent_ratio']:.3f})"
+        f"independent-seed ratio: {r['fid_t_independent_ratio']:.3f}{ci('fid_t_independent_ratio')}"
+        f" ({conf:.0%} interval; 1.0 = the reference floor, lower is better)"
     )
-    for n in r["styles"]:
+    typer.echo(
+        f"  shared-seed ratio: {r['fid_t_ratio']:.3f}{ci('fid_t_ratio')}  "
+        f"FD_t ({r['feature_extractor']}): {r['fid_t']:.4g}  floor: {r['fid_t_ref']:.4g}"
+    )
+    for i, n in enumerate(r["styles"]):
         acc, ref = r["style_accuracy"][n], r["teacher_accuracy"][n]
         shown = "n/a" if acc is None else f"{acc:.2f} (teacher {ref:.2f})"
-        typer.echo(f"  {n:>12}: style acc {shown}")
+        floor = r["M_ref"][i]
+        vs = r["M_diag_independent_seeds"][i] / floor if floor > 0 else float("inf")
+        typer.echo(f"  {n:>12}: {vs:.2f}x its floor, style acc {shown}")
     for b, v in r["baselines"].items():
         typer.echo(
-            f"  baseline {b}: ratio {v['fid_t_ratio']:.3f}, mean style acc {v['mean_style_accuracy']}"
+            f"  static merge {b}: shared-seed ratio {v['fid_t_ratio']:.4g}, "
+            f"collapses to {v.get('collapses_to', 'n/a')}"
         )
-    typer.echo(f"report: {Path(cfg.output_dir) / 'report.html'}")
+    if r.get("gate"):
+        verdict = "passed" if r["gate"]["passed"] else "FAILED"
+        typer.echo(f"gate: {verdict} ({r['gate']['summary']})")
 
 
 @app.command("ablate")

@@ -63,8 +63,10 @@ class MergePlan:
     replace: list[str] = field(default_factory=list)
     retire: list[str] = field(default_factory=list)
     old: list[str] = field(default_factory=list)
-    # The parent's diagonal FD per old style: the gate's yardstick for old styles.
+    # The parent's diagonal FD per old style: the gate's yardstick for old styles,
+    # with its interval and floor where the parent's evaluation recorded them.
     parent_diag_fd: dict[str, float] = field(default_factory=dict)
+    parent_scores: dict[str, dict] = field(default_factory=dict)
     base_sha256: str = ""
     teacher_sha256: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -260,6 +262,7 @@ def _incremental(inputs, champion, change, parent_dir, reg) -> tuple[MergePlan, 
         retire=change.retire,
         old=change.old,
         parent_diag_fd=change.parent_diag_fd,
+        parent_scores={s: champion.diag_scores[s] for s in change.old if s in champion.diag_scores},
         base_sha256=inputs.base_sha256,
         teacher_sha256=shas,
         tags=_tags("incremental", change.reason, fp, champion.version, inputs, shas),

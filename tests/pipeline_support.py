@@ -53,6 +53,7 @@ EVALUATE_SETTINGS = {
 # so the registration path (champion) runs; test_pipeline checks the failing side.
 LENIENT_GATE = {
     "max_fid_t_ratio": 1e9,
+    "max_independent_ratio": 1e9,
     "min_relative_style_accuracy": 0.0,
     "baseline_ratio_factor": 1e9,
 }

@@ -35,4 +35,8 @@ def test_cpu_threads_follow_env_and_process_count(monkeypatch):
     assert ComputeResource().launch_args() == [] and ComputeResource().env() == {}
     args = ComputeResource(num_processes=2).launch_args()
     assert "--num_cpu_threads_per_process" in args and "--multi_gpu" in args
-    assert ComputeResource(num_processes=2).env()["DMM_ACCELERATE_ARGS"].startswith("--num_processes 2")
+    assert (
+        ComputeResource(num_processes=2)
+        .env()["DMM_ACCELERATE_ARGS"]
+        .startswith("--num_processes 2")
+    )

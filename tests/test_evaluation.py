@@ -90,7 +90,19 @@ def test_student_identical_to_its_teacher_scores_at_the_floor(mini_zoo, tmp_path
                 "style_accuracy", "teacher_accuracy", "baselines"):  # fmt: skip
         assert key in saved
     assert saved["feature_extractor"] == "dmm-stylenet"
-    assert (out / "report.html").read_text().count("<img") >= 2
+    # Every figure has an interval that contains it, and the floor its own spread.
+    iv = saved["intervals"]
+    for key in ("fid_t_ratio", "fid_t_independent_ratio", "fid_t_ref"):
+        assert iv[key][0] <= saved[key] <= iv[key][1], key
+    assert iv["M_ref"][0][0] <= saved["M_ref"][0] <= iv["M_ref"][0][1]
+    assert iv["M_ref"][0][1] > iv["M_ref"][0][0]
+    assert saved["uncertainty"]["per_style"]["base"]["floor_std"] > 0
+    page = (out / "report.html").read_text()
+    assert page.count("<img") >= 2
+    head = page[: page.index("<h2>")]
+    assert "1.0 is the floor" in head and "lower is better" in head and "date:" in head
+    assert "<details><summary>Raw results" in page
+    assert "e+0" not in page[: page.index("<details>")]
 
 
 def test_teacher_images_are_cached_across_evaluations_and_score_alike(mini_zoo, tmp_path):
@@ -117,6 +129,7 @@ def test_teacher_images_are_cached_across_evaluations_and_score_alike(mini_zoo, 
         protocol.sample = real_sample
     assert sampled == ["DMMStudentPipeline"]  # the teacher came from the cache
     assert second["M"] == first["M"] and second["M_ref"] == first["M_ref"]
+    assert second["intervals"] == first["intervals"]  # the bootstrap is seeded
     # Another sampler is another key: nothing stale is reused.
     protocol.evaluate(cfg.model_copy(update={"steps": 2}), progress=False)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4

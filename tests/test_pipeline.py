@@ -382,7 +382,7 @@ def test_an_added_teacher_is_merged_incrementally_and_the_guard_judges_old_style
     manifest = repo / "data" / "teachers.yaml"
     manifest.write_text(manifest.read_text() + '  - {name: pastel2, source: "zoo:pastel"}\n')
     resources = resources_for(repo, uri)
-    gate = {**LENIENT_GATE, "max_old_style_regression": 1e9}
+    gate = {**LENIENT_GATE, "old_style_tolerance": 1e9}
     result = materialize_all(repo, dg.DagsterInstance.ephemeral(), resources, gate=gate)
     assert result.success
     student = materializations(result)["merged_student"][0].metadata
@@ -409,8 +409,10 @@ def test_an_added_teacher_is_merged_incrementally_and_the_guard_judges_old_style
 
     merge_plan, _ = read_plan(repo)
     results = json.loads((repo / "data/evaluation/evaluation.json").read_text())
-    strict = replace(merge_plan, parent_diag_fd={s: 1e-6 for s in merge_plan.parent_diag_fd})
-    gate, _ = judge(repo, strict, results, LENIENT_GATE)
+    assert sorted(merge_plan.parent_scores) == sorted(TEACHERS)  # with intervals and floors
+    tiny = {s: 1e-6 for s in merge_plan.parent_diag_fd}
+    strict = replace(merge_plan, parent_diag_fd=tiny, parent_scores={})
+    gate, _ = judge(repo, strict, results, {**LENIENT_GATE, "old_style_tolerance": 0.0})
     assert not gate.passed
     for style in TEACHERS:
         assert f"old style {style}: FD" in gate.summary()

@@ -37,8 +37,30 @@ class EvaluateConfig(BaseModel):
     seed: int = Field(1234, ge=0)
     # The reference floor compares teacher i with itself under other seeds.
     reference_seed_offset: int = Field(1_000_003, ge=1)
-    interpolate: tuple[str, str] | None = None
-    interpolation_points: int = Field(6, ge=2)
+    # Uncertainty: a paired bootstrap over the K (prompt, seed) items gives every
+    # figure an interval; `repeats` > 1 also re-samples every model under new seeds
+    # and averages (each repeat costs a full evaluation's sampling).
+    confidence: float = Field(0.9, gt=0, lt=1, description="coverage of every interval")
+    bootstrap: int = Field(
+        200, ge=1, description="bootstrap replicates (at least 10 / (1 - confidence))"
+    )
+    repeats: int = Field(1, ge=1, description="evaluations under disjoint sample seeds, averaged")
+    interval_target: float | None = Field(
+        None,
+        gt=0,
+        description="fail unless the independent-seed ratio's interval is at most +/- this "
+        "(the error names the images per style it needs)",
+    )
+    # Mixing (paper Table 3): the student's style path between two styles against
+    # weight-averaging the two teachers; interior points cost 2 x mixing_images samples each.
+    mixing: bool = Field(True, description="compare style mixing with weight averaging")
+    interpolate: tuple[str, str] | None = Field(
+        None, description="the two styles of the mixing path (default: the first two)"
+    )
+    interpolation_points: int = Field(5, ge=2, description="points on the path, ends included")
+    mixing_images: int = Field(
+        128, ge=1, description="images per point (FD to the ends needs 2 x the feature width)"
+    )
     batch_size: int = Field(192, ge=1)
     cache_dir: Path | None = Field(
         None,

@@ -123,3 +123,26 @@ def plot_convergence(points: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def damage_style(pipe, style: str, how: str, other: str | None = None) -> None:
+    """Damage one style of a loaded student pipeline in place, to test that gates catch it.
+
+    ``zero``: the style's vector becomes 0 (the student forgets it);
+    ``swap``: it trades vectors with ``other`` (as if its teacher had been swapped).
+    """
+    import torch
+
+    book = pipe.style_codebook
+    names = list(book.style_names)
+    if style not in names or (how == "swap" and other not in names):
+        raise DmmError(f"cannot damage style {style!r}: the student has {', '.join(names)}")
+    i = names.index(style)
+    with torch.no_grad():
+        if how == "zero":
+            book.vectors[i] = 0
+        elif how == "swap":
+            j = names.index(other)
+            book.vectors[[i, j]] = book.vectors[[j, i]].clone()
+        else:
+            raise DmmError(f"unknown damage {how!r} (zero or swap)")

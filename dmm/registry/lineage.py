@@ -38,6 +38,8 @@ class ChampionRecord:
     diag_fd: dict[str, float] = field(default_factory=dict)
     merge_kind: str = "full"
     fingerprint: str = ""
+    # Per style: its diagonal FD, the interval and the floor (dmm.registry.gate.StyleScore).
+    diag_scores: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,10 @@ def read_champion(client, model_name: str, alias: str = "champion") -> ChampionR
         return None
     tags = version.tags or {}
     styles = [s for s in tags.get(STYLES_TAG, "").split(",") if s]
+    from dmm.registry.gate import parent_from_metrics
+
     diag: dict[str, float] = {}
+    scores: dict[str, dict] = {}
     if version.run_id:
         metrics = client.get_run(version.run_id).data.metrics
         diag = {
@@ -124,6 +129,7 @@ def read_champion(client, model_name: str, alias: str = "champion") -> ChampionR
             for k, v in metrics.items()
             if k.startswith(DIAG_METRIC)
         }
+        scores = {n: asdict(sc) for n, sc in parent_from_metrics(metrics).items()}
     return ChampionRecord(
         version=str(version.version),
         run_id=version.run_id or "",
@@ -132,6 +138,7 @@ def read_champion(client, model_name: str, alias: str = "champion") -> ChampionR
         base_sha=tags.get(BASE_TAG),
         student_sha=tags.get(names.STUDENT_SHA_TAG),
         diag_fd=diag,
+        diag_scores=scores,
         merge_kind=tags.get(names.MERGE_KIND_TAG, "full"),
         fingerprint=tags.get(names.FINGERPRINT_TAG, ""),
     )

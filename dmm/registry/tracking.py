@@ -143,22 +143,50 @@ def log_step_metrics(client: MlflowClient, run_id: str, records: list[dict]) -> 
 
 
 def evaluation_metrics(results: dict) -> dict[str, float]:
-    """The scalar results of ``dmm evaluate`` under stable metric names."""
-    out: dict[str, float] = {
-        "eval/fid_t": results["fid_t"],
-        "eval/fid_t_ref": results["fid_t_ref"],
-        "eval/fid_t_ratio": results["fid_t_ratio"],
-    }
-    for key in ("off_diagonal_mean", "separation"):
+    """The scalar results of ``dmm evaluate`` under stable metric names.
+
+    Each figure with an interval also gets ``<name>_lo`` / ``<name>_hi``; the
+    per-style diagonal FD, its interval and the style's floor use the gate's
+    prefixes, so a later incremental merge can gate against them.
+    """
+    from dmm.registry.gate import (
+        DIAG_HI_METRIC,
+        DIAG_LO_METRIC,
+        DIAG_METRIC,
+        FLOOR_METRIC,
+        HI_SUFFIX,
+        LO_SUFFIX,
+    )  # fmt: skip
+
+    ivs = results.get("intervals") or {}
+    out: dict[str, float | None] = {}
+
+    def put(name: str, value, iv=None) -> None:
+        out[name] = value
+        if iv:
+            out[name + LO_SUFFIX], out[name + HI_SUFFIX] = iv
+
+    for key in ("fid_t", "fid_t_ref", "fid_t_ratio", "fid_t_independent_ratio",
+                "off_diagonal_mean", "separation"):  # fmt: skip
         if results.get(key) is not None:
-            out[f"eval/{key}"] = results[key]
+            put(f"eval/{key}", results[key], ivs.get(key))
+    if "independent_ratio_half_width" in (results.get("uncertainty") or {}):
+        out["eval/independent_ratio_half_width"] = results["uncertainty"][
+            "independent_ratio_half_width"
+        ]
     for i, name in enumerate(results["styles"]):
-        out[f"eval/M_diag/{name}"] = results["M"][i][i]
-        out[f"eval/style_accuracy/{name}"] = results["style_accuracy"][name]
-        out[f"eval/teacher_accuracy/{name}"] = results["teacher_accuracy"][name]
+        out[DIAG_METRIC + name] = results["M"][i][i]
+        if ivs.get("M"):
+            out[DIAG_LO_METRIC + name], out[DIAG_HI_METRIC + name] = ivs["M"][i][i]
+        put(FLOOR_METRIC + name, results["M_ref"][i], (ivs.get("M_ref") or [None] * (i + 1))[i])
+        for role in ("style_accuracy", "teacher_accuracy"):
+            put(f"eval/{role}/{name}", results[role][name], (ivs.get(role) or {}).get(name))
     for b, v in (results.get("baselines") or {}).items():
-        out[f"baseline/{b}/fid_t_ratio"] = v["fid_t_ratio"]
-        out[f"baseline/{b}/mean_style_accuracy"] = v["mean_style_accuracy"]
+        put(
+            f"baseline/{b}/fid_t_ratio",
+            v["fid_t_ratio"],
+            (v.get("interval") or {}).get("fid_t_ratio"),
+        )
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

@@ -136,11 +136,15 @@ def evaluated_results(root: Path, student_sha: str) -> dict:
 def judge(root: Path, plan, results: dict, overrides: dict | None = None):
     """The evaluation gate for this plan's student (thresholds: params.yaml ``registry.gate``)."""
     from dmm.plan import read_params, registry_config
-    from dmm.registry.gate import GateThresholds, check_gate
+    from dmm.registry.gate import GateThresholds, StyleScore, check_gate
 
     reg = registry_config(read_params(root))
     thresholds = GateThresholds(**{**reg.gate.model_dump(), **(overrides or {})})
-    previous = plan.parent_diag_fd if plan.recipe_kind == "incremental" else None
+    previous = None
+    if plan.recipe_kind == "incremental":
+        previous = {n: StyleScore(**d) for n, d in plan.parent_scores.items()} or dict(
+            plan.parent_diag_fd
+        )
     return check_gate(results, thresholds, previous), thresholds
 
 

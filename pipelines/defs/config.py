@@ -82,7 +82,8 @@ class GateRunConfig(dg.Config):
     max_fid_t_ratio: float | None = None
     min_relative_style_accuracy: float | None = None
     baseline_ratio_factor: float | None = None
-    max_old_style_regression: float | None = None
+    max_independent_ratio: float | None = None
+    old_style_tolerance: float | None = None
 
     def overrides(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
