@@ -35,8 +35,11 @@ def evaluation_gate(
         # Nothing follows a refused student: its merge run ends here, verdict attached.
         close_refused(project.root, mlflow.client(), gate.summary())
     table = md_table(
-        ["criterion", "value", "threshold", "passed"],
-        [(c.name, c.value, c.threshold, "yes" if c.passed else "**no**") for c in gate.criteria],
+        ["criterion", "value", "interval", "threshold", "passed"],
+        [
+            (c.name, c.value, _interval(c.interval), c.threshold, "yes" if c.passed else "**no**")
+            for c in gate.criteria
+        ],
     )
     return dg.AssetCheckResult(
         passed=gate.passed,
@@ -47,3 +50,7 @@ def evaluation_gate(
             "fid_t_ratio": round(float(results["fid_t_ratio"]), 3),
         },
     )
+
+
+def _interval(iv) -> str:
+    return f"[{iv[0]:.4g}, {iv[1]:.4g}]" if iv else "-"

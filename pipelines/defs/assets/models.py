@@ -139,14 +139,21 @@ def evaluation(
     return dg.MaterializeResult(
         metadata={
             "report": dg.MetadataValue.path(str(out / "report.html")),
-            "fid_t_ratio": round(float(results["fid_t_ratio"]), 3),
             "fid_t_independent_ratio": round(float(results["fid_t_independent_ratio"]), 3),
+            "fid_t_independent_ratio_interval": _interval(results, "fid_t_independent_ratio"),
+            "fid_t_ratio": round(float(results["fid_t_ratio"]), 3),
+            "fid_t_ratio_interval": _interval(results, "fid_t_ratio"),
             "feature_extractor": results["feature_extractor"],
             "fid_t_table": dg.MetadataValue.md(fid_table(results)),
             "M": png_preview(out / "M.png", "M(i, j): FD(student as style i, teacher j)"),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run)),
         },
     )
+
+
+def _interval(results: dict, key: str) -> str:
+    iv = (results.get("intervals") or {}).get(key)
+    return f"[{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "-"
 
 
 def gate_passed(instance: dg.DagsterInstance) -> tuple[bool, str]:
