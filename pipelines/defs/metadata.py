@@ -94,7 +94,7 @@ def fid_table(results: dict) -> str:
         ["style", "M(i,i)", "M_ref(i,i)", "student style acc.", "teacher style acc."], rows
     )
     base_rows = [
-        (b, v["fid_t"], v["fid_t_ratio"], v["mean_style_accuracy"])
+        (b, v["fid_t"], v["fid_t_ratio"], v.get("collapses_to", "-"))
         for b, v in (results.get("baselines") or {}).items()
     ]
     head = (
@@ -104,7 +104,7 @@ def fid_table(results: dict) -> str:
     out = head + table
     if base_rows:
         out += "\n\n**Static baselines**\n\n" + md_table(
-            ["method", "FD_t", "ratio", "mean style acc."],
+            ["method", "FD_t", "ratio", "collapses to"],
             [(b, f, r, a) for b, f, r, a in base_rows],
         )
     return out
