@@ -1,7 +1,8 @@
-"""Helpers of `make demo`: the teacher partition range, and where to look afterwards.
+"""Helpers of `make demo`: the partition range, a readable terminal, and where to look afterwards.
 
-python -m pipelines.demo partition-range   # "pastel...stripes" from data/teachers.yaml
-python -m pipelines.demo summary           # report, model version, UI commands
+python -m pipelines.demo partition-range          # "pastel...stripes" from data/teachers.yaml
+python -m pipelines.demo run --log FILE -- CMD... # CMD's full output to FILE, a line per stage here
+python -m pipelines.demo summary [--since EPOCH] [--log FILE]  # stage times, report, model, UIs
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dmm import layout, names
@@ -26,7 +31,159 @@ def partition_range() -> str:
     return f"{names[0]}...{names[-1]}"
 
 
-def summary() -> str:
+# One line of Dagster's console logger: "<time> - dagster - LEVEL - JOB - RUN_ID - PID -
+# [STEP_KEY - ]EVENT_TYPE - message".
+EVENT_LINE = re.compile(
+    r" - dagster - (?P<level>[A-Z]+) - \S+ - (?P<run_id>[0-9a-f-]{36}) - \d+ - "
+    r"(?:(?P<step>[\w.\[\]-]+) - )?(?P<event>[A-Z_]+) - (?P<message>.*)$"
+)
+STEP_EVENTS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")
+# Metadata shown as a stage's key figures: plain numbers and short texts only.
+MAX_FIGURES, MAX_TEXT = 3, 32
+
+
+def duration_text(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def key_figures(metadata: dict) -> str:
+    """ "name value" for the first few numeric or short-text metadata entries."""
+    import dagster as dg
+
+    scalar = (dg.IntMetadataValue, dg.FloatMetadataValue, dg.TextMetadataValue)
+    out = []
+    for name, entry in metadata.items():
+        if isinstance(entry, dg.MetadataValue) and not isinstance(entry, scalar):
+            continue  # paths, tables, JSON, URLs: the UI shows those
+        value = getattr(entry, "value", entry)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            continue
+        if isinstance(value, str) and (len(value) > MAX_TEXT or "/" in value):
+            continue
+        out.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+    return ", ".join(out[:MAX_FIGURES])
+
+
+def _instance():
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def step_figures(instance, run_id: str, step: str) -> str:
+    """Key figures of the materializations a step of a run recorded."""
+    from dagster import DagsterEventType
+
+    records = instance.all_logs(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+    figures = [
+        key_figures(r.dagster_event.event_specific_data.materialization.metadata)
+        for r in records
+        if r.step_key == step
+    ]
+    return "; ".join(dict.fromkeys(f for f in figures if f))
+
+
+class StageConsole:
+    """Turns Dagster's console output into one line per stage start and end."""
+
+    def __init__(self, out, figures=step_figures):
+        self.out, self.figures, self.started, self.instance = out, figures, {}, None
+
+    def line(self, text: str) -> None:
+        m = EVENT_LINE.search(text)
+        if m is None:
+            return
+        event, step, now = m["event"], m["step"], time.monotonic()
+        clock = datetime.now().strftime("%H:%M:%S")
+        if event == "STEP_START":
+            self.started[step] = now
+            self._print(f"{clock}  {step:<18} started")
+        elif event == "STEP_SUCCESS":
+            took = duration_text(now - self.started.pop(step, now))
+            figures = self._figures(m["run_id"], step)
+            self._print(
+                f"{clock}  {step:<18} done in {took}" + (f"  ({figures})" if figures else "")
+            )
+        elif event == "STEP_FAILURE" or m["level"] in ("ERROR", "CRITICAL"):
+            self._print(f"{clock}  {step or 'run':<18} FAILED: {m['message'][:300]}")
+
+    def _figures(self, run_id: str, step: str) -> str:
+        try:
+            if self.instance is None:
+                self.instance = _instance()
+            return self.figures(self.instance, run_id, step)
+        except Exception as exc:  # noqa: BLE001  (the figures are a courtesy; the run goes on)
+            return f"figures unavailable: {type(exc).__name__}"
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def run_logged(cmd: list[str], log: Path, verbose: bool, out=sys.stdout) -> int:
+    """Run CMD with its output appended to LOG; the terminal gets all of it only if VERBOSE."""
+    console = StageConsole(out)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            sink.write(chunk)
+            sink.flush()
+            if verbose:
+                out.write(chunk.decode(errors="replace"))
+                out.flush()
+                continue
+            # Progress bars redraw with \r: each redraw is a line to the log, not to the terminal.
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for raw in lines:
+                console.line(raw.decode(errors="replace"))
+        console.line(pending.decode(errors="replace"))
+    rc = proc.wait()
+    if rc != 0:
+        print(f"error: `{' '.join(cmd[:3])} ...` exited {rc}; full log: {log}", file=out)
+    return rc
+
+
+def stage_times(instance, since: float | None = None) -> list[tuple[str, float, str, str]]:
+    """(step, seconds, status, key figures) per step of the runs created since SINCE (epoch s).
+
+    Without SINCE: the latest run. Read from the instance's event log, so they hold for
+    runs launched from the UI too.
+    """
+    from dagster import DagsterEventType, RunsFilter
+
+    created_after = datetime.fromtimestamp(since, timezone.utc) if since is not None else None
+    runs = instance.get_runs(
+        filters=RunsFilter(created_after=created_after), limit=None if since else 1
+    )
+    kinds = {getattr(DagsterEventType, e) for e in STEP_EVENTS}
+    rows = []
+    for run in reversed(runs):  # oldest first
+        started: dict[str, float] = {}
+        for record in instance.all_logs(run.run_id, of_type=kinds):
+            kind = record.dagster_event.event_type_value
+            if kind == "STEP_START":
+                started[record.step_key] = record.timestamp
+                continue
+            seconds = record.timestamp - started.get(record.step_key, record.timestamp)
+            status = "ok" if kind == "STEP_SUCCESS" else "FAILED"
+            figures = step_figures(instance, run.run_id, record.step_key)
+            rows.append((record.step_key, seconds, status, figures))
+    return rows
+
+
+def stage_table(rows: list[tuple[str, float, str, str]]) -> list[str]:
+    width = max((len(r[0]) for r in rows), default=0)
+    lines = [
+        f"  {step:<{width}}  {duration_text(secs):>8}  {status:<6} {figures}".rstrip()
+        for step, secs, status, figures in rows
+    ]
+    total = sum(r[1] for r in rows)
+    return [*lines, f"  {'(steps in total)':<{width}}  {duration_text(total):>8}"]
+
+
+def summary(since: float | None = None, log: Path | None = None) -> str:
     from dmm.registry.tracking import default_artifact_root, default_tracking_uri
 
     registered = ROOT / layout.STUDENT / names.REGISTERED_FILE
@@ -34,7 +191,10 @@ def summary() -> str:
     evaluation = ROOT / layout.EVALUATION / "evaluation.json"
     ratio = json.loads(evaluation.read_text())["fid_t_ratio"] if evaluation.is_file() else None
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ROOT)
-    lines = [
+    rows = stage_times(_instance(), since)
+    lines = ["", "Stage times (Dagster steps; the run's own start-up comes on top):"]
+    lines += stage_table(rows) if rows else ["  (no Dagster run found)"]
+    lines += [
         "",
         f"Teachers:  {layout.TEACHERS}/<name> (manifest {layout.MANIFEST})",
         f"Student:   {layout.CHAMPION} (the champion; this merge's candidate: "
@@ -55,14 +215,29 @@ def summary() -> str:
         f"  i.e. mlflow ui --backend-store-uri {tracking} "
         f"--default-artifact-root {default_artifact_root(ROOT)} --host 127.0.0.1 --port 5000",
     ]
+    if log is not None:
+        lines += ["", f"Full log (Dagster DEBUG events, every tool's output): {log}"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["partition-range", "summary"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("partition-range", help="the teachers' partition range")
+    run = sub.add_parser("run", help="run a command, its output to --log, a line per stage here")
+    run.add_argument("--log", type=Path, required=True, help="file the full output is appended to")
+    run.add_argument("--verbose", action="store_true", help="also show the full output here")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
+    summ = sub.add_parser("summary", help="stage times, outputs, UI commands")
+    summ.add_argument("--since", type=float, help="epoch seconds: time the runs created since")
+    summ.add_argument("--log", type=Path, help="the full log's path, to name it")
     args = parser.parse_args(argv)
-    print(partition_range() if args.command == "partition-range" else summary())
+    if args.command == "run":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("run needs a command after --")
+        return run_logged(cmd, args.log, args.verbose)
+    print(partition_range() if args.command == "partition-range" else summary(args.since, args.log))
     return 0
 
 

@@ -1,0 +1,130 @@
+"""`make demo`'s terminal: a line per stage, the full output in a log, stage times in the summary."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+from pipelines import demo
+
+DAGSTER = str(Path(sys.executable).parent / "dagster")
+RUN_ID = "42ee9d8a-b233-40f4-8d22-4dad3b8bfef4"
+# Two assets that talk on stdout, and one that fails; in-process, so the run takes seconds.
+DEFS = """
+import dagster as dg
+
+@dg.asset
+def first() -> dg.MaterializeResult:
+    print("chatter from first")
+    return dg.MaterializeResult(metadata={"count": 3, "ratio": 1.23456, "path": "/x/y"})
+
+@dg.asset(deps=[first])
+def second() -> None:
+    print("chatter from second\\r50%\\r100%")
+
+@dg.asset
+def broken() -> None:
+    raise RuntimeError("teacher folder missing")
+
+defs = dg.Definitions(assets=[first, second, broken], executor=dg.in_process_executor)
+"""
+
+
+def _event(step: str | None, event: str, level: str = "DEBUG", message: str = "m") -> str:
+    where = f"{step} - " if step else ""
+    return (
+        f"2026-12-01 23:16:23 +0000 - dagster - {level} - __ASSET_JOB - {RUN_ID} - 25928 - "
+        f"{where}{event} - {message}"
+    )
+
+
+def test_stage_console_prints_start_end_and_failures_only():
+    out = io.StringIO()
+    seen = []
+    console = demo.StageConsole(out, figures=lambda inst, run, step: seen.append(run) or "fd 2")
+    console.instance = object()  # the figures stub needs no Dagster instance
+    for line in [
+        _event(None, "RUN_START"),
+        _event("zoo", "STEP_WORKER_STARTING"),
+        _event("zoo", "STEP_START"),
+        "dvc: use `git add dvc.lock`",
+        _event("zoo", "ASSET_MATERIALIZATION"),
+        _event("zoo", "STEP_SUCCESS"),
+        _event("distill", "STEP_START"),
+        _event("distill", "STEP_FAILURE", "ERROR", "RuntimeError: out of memory"),
+    ]:
+        console.line(line)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1:3] for line in lines] == [
+        ["zoo", "started"],
+        ["zoo", "done"],
+        ["distill", "started"],
+        ["distill", "FAILED:"],
+    ]
+    assert "done in 0s  (fd 2)" in lines[1]
+    assert lines[3].endswith("RuntimeError: out of memory")
+    assert seen == [RUN_ID]
+
+
+def test_key_figures_keep_numbers_and_short_texts():
+    import dagster as dg
+
+    metadata = {
+        "path": dg.MetadataValue.path("/a/b"),
+        "ratio": dg.MetadataValue.float(2.049987),
+        "passed": dg.MetadataValue.bool(True),
+        "n": dg.MetadataValue.int(5),
+        "table": dg.MetadataValue.md("| a |"),
+        "fingerprint": "f" * 64,
+    }
+    assert demo.key_figures(metadata) == "ratio 2.05, n 5"
+    assert demo.duration_text(61.4) == "1m 01s"
+
+
+def test_run_logged_and_stage_times_on_a_real_dagster_run(tmp_path, monkeypatch):
+    import dagster as dg
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    defs = tmp_path / "defs.py"
+    defs.write_text(DEFS)
+    log = tmp_path / "demo.log"
+    since = time.time() - 1
+    out = io.StringIO()
+    cmd = [DAGSTER, "asset", "materialize", "-f", str(defs), "--select", "first,second"]
+    assert demo.run_logged(cmd, log, verbose=False, out=out) == 0
+    shown = out.getvalue()
+    assert [line.split()[1:3] for line in shown.splitlines()] == [
+        ["first", "started"],
+        ["first", "done"],
+        ["second", "started"],
+        ["second", "done"],
+    ]
+    assert "(count 3, ratio 1.235)" in shown
+    assert "DEBUG" not in shown and "chatter" not in shown and "100%" not in shown
+    full = log.read_text()
+    assert "STEP_START" in full and "chatter from first" in full and "100%" in full
+
+    bad = io.StringIO()
+    cmd = [DAGSTER, "asset", "materialize", "-f", str(defs), "--select", "broken"]
+    assert demo.run_logged(cmd, log, verbose=False, out=bad) != 0
+    assert "broken" in bad.getvalue() and "FAILED" in bad.getvalue()
+    assert f"full log: {log}" in bad.getvalue()
+    assert "teacher folder missing" in log.read_text()  # appended, not overwritten
+    assert "chatter from first" in log.read_text()
+
+    rows = demo.stage_times(dg.DagsterInstance.get(), since)
+    assert [(step, status) for step, _, status, _ in rows] == [
+        ("first", "ok"),
+        ("second", "ok"),
+        ("broken", "FAILED"),
+    ]
+    assert all(secs >= 0 for _, secs, _, _ in rows)
+    assert rows[0][3] == "count 3, ratio 1.235"
+    assert [r[0] for r in demo.stage_times(dg.DagsterInstance.get())] == ["broken"]
+    text = demo.summary(since, log)
+    assert "Stage times" in text and "first" in text and "Full log" in text and str(log) in text
