@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,14 @@ EVENT_LINE = re.compile(
     r" - dagster - (?P<level>[A-Z]+) - \S+ - (?P<run_id>[0-9a-f-]{36}) - \d+ - "
     r"(?:(?P<step>[\w.\[\]-]+) - )?(?P<event>[A-Z_]+) - (?P<message>.*)$"
 )
+# An asset's own log line (context.log.info...): "... - LEVEL - JOB - RUN_ID - STEP_KEY - message".
+USER_LINE = re.compile(
+    r" - dagster - (?P<level>INFO|WARNING|ERROR|CRITICAL) - \S+ - [0-9a-f-]{36} - "
+    r"(?P<step>\S+) - (?P<message>.*)$"
+)
+# A tool's progress line (tqdm's "140/400", "35%"): shown on one self-overwriting
+# status line when the terminal is interactive.
+PROGRESS = re.compile(r"\d+/\d+|\d+%")
 STEP_EVENTS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")
 # Metadata shown as a stage's key figures: plain numbers and short texts only.
 MAX_FIGURES, MAX_TEXT = 3, 32
@@ -85,14 +94,27 @@ def step_figures(instance, run_id: str, step: str) -> str:
 
 
 class StageConsole:
-    """Turns Dagster's console output into one line per stage start and end."""
+    """Turns Dagster's console output into a line per stage start and end, plus the
+    assets' own INFO lines; the rest (DEBUG events, tool chatter) only feeds a live
+    progress line on an interactive terminal."""
 
-    def __init__(self, out, figures=step_figures):
+    def __init__(self, out, figures=step_figures, live: bool | None = None):
         self.out, self.figures, self.started, self.instance = out, figures, {}, None
+        self.live = out.isatty() if live is None else live
+        self.status = False
 
     def line(self, text: str) -> None:
         m = EVENT_LINE.search(text)
         if m is None:
+            user = USER_LINE.search(text)
+            if user is not None:
+                clock = datetime.now().strftime("%H:%M:%S")
+                self._print(f"{clock}  {user['step']:<18} {user['message'][:300]}")
+            elif self.live and PROGRESS.search(text):
+                width = shutil.get_terminal_size().columns - 1
+                self.out.write("\r\x1b[K" + text.strip()[:width])
+                self.out.flush()
+                self.status = True
             return
         event, step, now = m["event"], m["step"], time.monotonic()
         clock = datetime.now().strftime("%H:%M:%S")
@@ -117,6 +139,9 @@ class StageConsole:
             return f"figures unavailable: {type(exc).__name__}"
 
     def _print(self, text: str) -> None:
+        if self.status:  # clear the progress line first
+            self.out.write("\r\x1b[K")
+            self.status = False
         print(text, file=self.out, flush=True)
 
 
@@ -174,13 +199,14 @@ def stage_times(instance, since: float | None = None) -> list[tuple[str, float, 
 
 
 def stage_table(rows: list[tuple[str, float, str, str]]) -> list[str]:
-    width = max((len(r[0]) for r in rows), default=0)
+    total_label = "(sum of steps)"
+    width = max([len(total_label), *(len(r[0]) for r in rows)])
     lines = [
         f"  {step:<{width}}  {duration_text(secs):>8}  {status:<6} {figures}".rstrip()
         for step, secs, status, figures in rows
     ]
     total = sum(r[1] for r in rows)
-    return [*lines, f"  {'(steps in total)':<{width}}  {duration_text(total):>8}"]
+    return [*lines, f"  {total_label:<{width}}  {duration_text(total):>8}"]
 
 
 def summary(since: float | None = None, log: Path | None = None) -> str:
