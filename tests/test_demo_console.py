@@ -50,6 +50,9 @@ def test_stage_console_prints_start_end_and_failures_only():
         _event("zoo", "STEP_WORKER_STARTING"),
         _event("zoo", "STEP_START"),
         "dvc: use `git add dvc.lock`",
+        "2026-12-01 23:16:23 +0000 - dagster - INFO - __ASSET_JOB - "
+        f"{RUN_ID} - zoo - $ dvc repro zoo",
+        "zoo:  40%|####      | 4/10 [00:02<00:03]",
         _event("zoo", "ASSET_MATERIALIZATION"),
         _event("zoo", "STEP_SUCCESS"),
         _event("distill", "STEP_START"),
@@ -59,13 +62,30 @@ def test_stage_console_prints_start_end_and_failures_only():
     lines = out.getvalue().splitlines()
     assert [line.split()[1:3] for line in lines] == [
         ["zoo", "started"],
+        ["zoo", "$"],
         ["zoo", "done"],
         ["distill", "started"],
         ["distill", "FAILED:"],
     ]
-    assert "done in 0s  (fd 2)" in lines[1]
-    assert lines[3].endswith("RuntimeError: out of memory")
+    assert lines[1].endswith("zoo                $ dvc repro zoo")
+    assert "done in 0s  (fd 2)" in lines[2]
+    assert lines[4].endswith("RuntimeError: out of memory")
     assert seen == [RUN_ID]
+
+
+def test_stage_console_shows_progress_on_one_line_of_a_terminal():
+    out = io.StringIO()
+    console = demo.StageConsole(out, figures=lambda *a: "", live=True)
+    console.instance = object()
+    console.line("a warning nobody needs")
+    console.line("distill:  40%|####      | 160/400 [01:00<01:30]")
+    console.line("distill:  41%|####      | 164/400 [01:01<01:29]")
+    console.line(_event("distill", "STEP_START"))
+    text = out.getvalue()
+    assert "warning" not in text
+    assert text.count("\r\x1b[K") == 3  # two redraws, then cleared for the stage line
+    assert text.split("\r\x1b[K")[2].startswith("distill:  41%")
+    assert text.endswith("started\n")
 
 
 def test_key_figures_keep_numbers_and_short_texts():
