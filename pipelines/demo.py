@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,17 +34,6 @@ def partition_range() -> str:
     return f"{names[0]}...{names[-1]}"
 
 
-# One line of Dagster's console logger: "<time> - dagster - LEVEL - JOB - RUN_ID - PID -
-# [STEP_KEY - ]EVENT_TYPE - message".
-EVENT_LINE = re.compile(
-    r" - dagster - (?P<level>[A-Z]+) - \S+ - (?P<run_id>[0-9a-f-]{36}) - \d+ - "
-    r"(?:(?P<step>[\w.\[\]-]+) - )?(?P<event>[A-Z_]+) - (?P<message>.*)$"
-)
-# An asset's own log line (context.log.info...): "... - LEVEL - JOB - RUN_ID - STEP_KEY - message".
-USER_LINE = re.compile(
-    r" - dagster - (?P<level>INFO|WARNING|ERROR|CRITICAL) - \S+ - [0-9a-f-]{36} - "
-    r"(?P<step>\S+) - (?P<message>.*)$"
-)
 # A tool's progress line (tqdm's "140/400", "35%"): shown on one self-overwriting
 # status line when the terminal is interactive.
 PROGRESS = re.compile(r"\d+/\d+|\d+%")
@@ -94,41 +85,42 @@ def step_figures(instance, run_id: str, step: str) -> str:
 
 
 class StageConsole:
-    """Turns Dagster's console output into a line per stage start and end, plus the
-    assets' own INFO lines; the rest (DEBUG events, tool chatter) only feeds a live
-    progress line on an interactive terminal."""
+    """A line per stage start and end and per asset log line (INFO and up); the rest of
+    the output (DEBUG events, tool chatter) only feeds a live progress line on a terminal.
+
+    Those lines come from the instance's event log (``StepWatcher``), in the order the
+    run wrote them; the console text arrives late and interleaved through log capture.
+    """
 
     def __init__(self, out, figures=step_figures, live: bool | None = None):
         self.out, self.figures, self.started, self.instance = out, figures, {}, None
         self.live = out.isatty() if live is None else live
         self.status = False
+        self.lock = threading.Lock()
 
     def line(self, text: str) -> None:
-        m = EVENT_LINE.search(text)
-        if m is None:
-            user = USER_LINE.search(text)
-            if user is not None:
-                clock = datetime.now().strftime("%H:%M:%S")
-                self._print(f"{clock}  {user['step']:<18} {user['message'][:300]}")
-            elif self.live and PROGRESS.search(text):
-                width = shutil.get_terminal_size().columns - 1
+        if self.live and PROGRESS.search(text) and " - dagster - " not in text:
+            width = shutil.get_terminal_size().columns - 1
+            with self.lock:
                 self.out.write("\r\x1b[K" + text.strip()[:width])
                 self.out.flush()
                 self.status = True
-            return
-        event, step, now = m["event"], m["step"], time.monotonic()
-        clock = datetime.now().strftime("%H:%M:%S")
-        if event == "STEP_START":
-            self.started[step] = now
+
+    def record(self, kind: str | None, step: str, timestamp: float, run_id: str, text: str):
+        """One event-log record: KIND a step event, or None for an asset's log line."""
+        clock = datetime.fromtimestamp(timestamp).strftime("%H:%M:%S")
+        if kind is None:
+            self._print(f"{clock}  {step:<18} {text[:300]}")
+        elif kind == "STEP_START":
+            self.started[step] = timestamp
             self._print(f"{clock}  {step:<18} started")
-        elif event == "STEP_SUCCESS":
-            took = duration_text(now - self.started.pop(step, now))
-            figures = self._figures(m["run_id"], step)
-            self._print(
-                f"{clock}  {step:<18} done in {took}" + (f"  ({figures})" if figures else "")
-            )
-        elif event == "STEP_FAILURE" or m["level"] in ("ERROR", "CRITICAL"):
-            self._print(f"{clock}  {step or 'run':<18} FAILED: {m['message'][:300]}")
+        elif kind == "STEP_SUCCESS":
+            took = duration_text(timestamp - self.started.pop(step, timestamp))
+            figures = self._figures(run_id, step)
+            done = f"{clock}  {step:<18} done in {took}"
+            self._print(done + (f"  ({figures})" if figures else ""))
+        elif kind == "STEP_FAILURE":
+            self._print(f"{clock}  {step:<18} FAILED: {text[:300]}")
 
     def _figures(self, run_id: str, step: str) -> str:
         try:
@@ -139,18 +131,76 @@ class StageConsole:
             return f"figures unavailable: {type(exc).__name__}"
 
     def _print(self, text: str) -> None:
-        if self.status:  # clear the progress line first
-            self.out.write("\r\x1b[K")
-            self.status = False
-        print(text, file=self.out, flush=True)
+        with self.lock:
+            if self.status:  # clear the progress line first
+                self.out.write("\r\x1b[K")
+                self.status = False
+            print(text, file=self.out, flush=True)
+
+
+class StepWatcher(threading.Thread):
+    """Polls the instance's event log of the runs created since SINCE into the console."""
+
+    def __init__(self, console: StageConsole, since: float, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.console, self.since, self.interval = console, since, interval
+        self.cursors: dict[str, str | None] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            instance = _instance()
+            while not self.done.wait(self.interval):
+                self.poll(instance)
+            self.poll(instance)  # the records written just before the command ended
+        except Exception as exc:  # noqa: BLE001  (the run goes on; the log has everything)
+            self.console._print(f"(stage lines unavailable: {type(exc).__name__}: {exc})")
+
+    def poll(self, instance) -> None:
+        from dagster import RunsFilter
+
+        after = datetime.fromtimestamp(self.since, timezone.utc)
+        for run in reversed(instance.get_runs(filters=RunsFilter(created_after=after))):
+            conn = instance.get_records_for_run(run.run_id, cursor=self.cursors.get(run.run_id))
+            for record in conn.records:
+                entry = record.event_log_entry
+                event = entry.dagster_event
+                if event is None and entry.level >= logging.INFO:
+                    text = entry.user_message
+                elif event is not None and event.event_type_value in STEP_EVENTS:
+                    text = _error_text(entry)
+                else:
+                    continue
+                kind = event.event_type_value if event is not None else None
+                self.console.record(
+                    kind, entry.step_key or "run", entry.timestamp, run.run_id, text
+                )
+            self.cursors[run.run_id] = conn.cursor
+
+
+def _error_text(entry) -> str:
+    """The root cause's first line, "RuntimeError: ..." (Dagster wraps what a step raised)."""
+    error = getattr(entry.dagster_event.event_specific_data, "error", None)
+    while error is not None and error.cause is not None:
+        error = error.cause
+    text = (error.message if error is not None else entry.dagster_event.message) or ""
+    first = text.strip().splitlines()[0] if text.strip() else "see the log"
+    return re.sub(r"^[\w.]+\.(\w+: )", r"\1", first)  # "dagster._core...Failure: " -> "Failure: "
 
 
 def run_logged(cmd: list[str], log: Path, verbose: bool, out=sys.stdout) -> int:
     """Run CMD with its output appended to LOG; the terminal gets all of it only if VERBOSE."""
     console = StageConsole(out)
     log.parent.mkdir(parents=True, exist_ok=True)
+    watcher = None if verbose else StepWatcher(console, time.time() - 1)
     with log.open("ab") as sink:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except FileNotFoundError:
+            print(f"error: {cmd[0]}: command not found", file=out)
+            return 127
+        if watcher is not None:
+            watcher.start()
         pending = b""
         while chunk := proc.stdout.read1(65536):
             sink.write(chunk)
@@ -165,6 +215,9 @@ def run_logged(cmd: list[str], log: Path, verbose: bool, out=sys.stdout) -> int:
                 console.line(raw.decode(errors="replace"))
         console.line(pending.decode(errors="replace"))
     rc = proc.wait()
+    if watcher is not None:
+        watcher.done.set()
+        watcher.join()
     if rc != 0:
         print(f"error: `{' '.join(cmd[:3])} ...` exited {rc}; full log: {log}", file=out)
     return rc
@@ -217,9 +270,9 @@ def summary(since: float | None = None, log: Path | None = None) -> str:
     evaluation = ROOT / layout.EVALUATION / "evaluation.json"
     ratio = json.loads(evaluation.read_text())["fid_t_ratio"] if evaluation.is_file() else None
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ROOT)
-    rows = stage_times(_instance(), since)
+    rows = stage_times(_instance(), since) if os.environ.get("DAGSTER_HOME") else []
     lines = ["", "Stage times (Dagster steps; the run's own start-up comes on top):"]
-    lines += stage_table(rows) if rows else ["  (no Dagster run found)"]
+    lines += stage_table(rows) if rows else ["  (no Dagster run found under DAGSTER_HOME)"]
     lines += [
         "",
         f"Teachers:  {layout.TEACHERS}/<name> (manifest {layout.MANIFEST})",

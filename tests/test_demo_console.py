@@ -16,8 +16,9 @@ DEFS = """
 import dagster as dg
 
 @dg.asset
-def first() -> dg.MaterializeResult:
+def first(context) -> dg.MaterializeResult:
     print("chatter from first")
+    context.log.info("counting")
     return dg.MaterializeResult(metadata={"count": 3, "ratio": 1.23456, "path": "/x/y"})
 
 @dg.asset(deps=[first])
@@ -40,36 +41,27 @@ def _event(step: str | None, event: str, level: str = "DEBUG", message: str = "m
     )
 
 
-def test_stage_console_prints_start_end_and_failures_only():
+def test_stage_console_prints_stage_records_and_asset_lines_only():
     out = io.StringIO()
     seen = []
     console = demo.StageConsole(out, figures=lambda inst, run, step: seen.append(run) or "fd 2")
     console.instance = object()  # the figures stub needs no Dagster instance
-    for line in [
-        _event(None, "RUN_START"),
-        _event("zoo", "STEP_WORKER_STARTING"),
-        _event("zoo", "STEP_START"),
-        "dvc: use `git add dvc.lock`",
-        "2026-12-01 23:16:23 +0000 - dagster - INFO - __ASSET_JOB - "
-        f"{RUN_ID} - zoo - $ dvc repro zoo",
-        "zoo:  40%|####      | 4/10 [00:02<00:03]",
-        _event("zoo", "ASSET_MATERIALIZATION"),
-        _event("zoo", "STEP_SUCCESS"),
-        _event("distill", "STEP_START"),
-        _event("distill", "STEP_FAILURE", "ERROR", "RuntimeError: out of memory"),
-    ]:
-        console.line(line)
+    console.line(_event("zoo", "STEP_START"))  # console text: ignored (not a terminal)
+    console.line("zoo:  40%|####      | 4/10 [00:02<00:03]")
+    console.record("STEP_START", "zoo", 1000.0, RUN_ID, "")
+    console.record(None, "zoo", 1001.0, RUN_ID, "$ dvc repro zoo")
+    console.record("STEP_SUCCESS", "zoo", 1061.4, RUN_ID, "")
+    console.record("STEP_FAILURE", "distill", 1100.0, RUN_ID, "RuntimeError: out of memory")
     lines = out.getvalue().splitlines()
     assert [line.split()[1:3] for line in lines] == [
         ["zoo", "started"],
         ["zoo", "$"],
         ["zoo", "done"],
-        ["distill", "started"],
         ["distill", "FAILED:"],
     ]
     assert lines[1].endswith("zoo                $ dvc repro zoo")
-    assert "done in 0s  (fd 2)" in lines[2]
-    assert lines[4].endswith("RuntimeError: out of memory")
+    assert "done in 1m 01s  (fd 2)" in lines[2]
+    assert lines[3].endswith("RuntimeError: out of memory")
     assert seen == [RUN_ID]
 
 
@@ -80,7 +72,8 @@ def test_stage_console_shows_progress_on_one_line_of_a_terminal():
     console.line("a warning nobody needs")
     console.line("distill:  40%|####      | 160/400 [01:00<01:30]")
     console.line("distill:  41%|####      | 164/400 [01:01<01:29]")
-    console.line(_event("distill", "STEP_START"))
+    console.line(_event("distill", "STEP_START"))  # Dagster's own lines are not progress
+    console.record("STEP_START", "distill", 1000.0, RUN_ID, "")
     text = out.getvalue()
     assert "warning" not in text
     assert text.count("\r\x1b[K") == 3  # two redraws, then cleared for the stage line
@@ -120,10 +113,11 @@ def test_run_logged_and_stage_times_on_a_real_dagster_run(tmp_path, monkeypatch)
     shown = out.getvalue()
     assert [line.split()[1:3] for line in shown.splitlines()] == [
         ["first", "started"],
+        ["first", "counting"],  # an asset's own line, after its step's start
         ["first", "done"],
         ["second", "started"],
         ["second", "done"],
-    ]
+    ], shown + log.read_text()
     assert "(count 3, ratio 1.235)" in shown
     assert "DEBUG" not in shown and "chatter" not in shown and "100%" not in shown
     full = log.read_text()
@@ -132,7 +126,7 @@ def test_run_logged_and_stage_times_on_a_real_dagster_run(tmp_path, monkeypatch)
     bad = io.StringIO()
     cmd = [DAGSTER, "asset", "materialize", "-f", str(defs), "--select", "broken"]
     assert demo.run_logged(cmd, log, verbose=False, out=bad) != 0
-    assert "broken" in bad.getvalue() and "FAILED" in bad.getvalue()
+    assert "broken             FAILED: RuntimeError: teacher folder missing" in bad.getvalue()
     assert f"full log: {log}" in bad.getvalue()
     assert "teacher folder missing" in log.read_text()  # appended, not overwritten
     assert "chatter from first" in log.read_text()
@@ -148,3 +142,9 @@ def test_run_logged_and_stage_times_on_a_real_dagster_run(tmp_path, monkeypatch)
     assert [r[0] for r in demo.stage_times(dg.DagsterInstance.get())] == ["broken"]
     text = demo.summary(since, log)
     assert "Stage times" in text and "first" in text and "Full log" in text and str(log) in text
+
+
+def test_run_logged_names_a_missing_command(tmp_path):
+    out = io.StringIO()
+    assert demo.run_logged(["no-such-tool-dmm"], tmp_path / "log", verbose=False, out=out) == 127
+    assert out.getvalue() == "error: no-such-tool-dmm: command not found\n"
