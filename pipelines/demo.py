@@ -141,18 +141,17 @@ class StageConsole:
 class StepWatcher(threading.Thread):
     """Polls the instance's event log of the runs created since SINCE into the console."""
 
-    def __init__(self, console: StageConsole, since: float, interval: float = 1.0):
+    def __init__(self, console: StageConsole, instance, since: float, interval: float = 1.0):
         super().__init__(daemon=True)
-        self.console, self.since, self.interval = console, since, interval
+        self.console, self.instance, self.since, self.interval = console, instance, since, interval
         self.cursors: dict[str, str | None] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
         try:
-            instance = _instance()
             while not self.done.wait(self.interval):
-                self.poll(instance)
-            self.poll(instance)  # the records written just before the command ended
+                self.poll(self.instance)
+            self.poll(self.instance)  # the records written just before the command ended
         except Exception as exc:  # noqa: BLE001  (the run goes on; the log has everything)
             self.console._print(f"(stage lines unavailable: {type(exc).__name__}: {exc})")
 
@@ -192,7 +191,16 @@ def run_logged(cmd: list[str], log: Path, verbose: bool, out=sys.stdout) -> int:
     """Run CMD with its output appended to LOG; the terminal gets all of it only if VERBOSE."""
     console = StageConsole(out)
     log.parent.mkdir(parents=True, exist_ok=True)
-    watcher = None if verbose else StepWatcher(console, time.time() - 1)
+    watcher = None
+    if not verbose:
+        try:
+            # Opened (its storage created) before CMD starts, so the two never race to create it.
+            console.instance = _instance()
+            console.instance.get_runs(limit=1)
+            watcher = StepWatcher(console, console.instance, time.time() - 1)
+        except Exception as exc:  # noqa: BLE001  (no stage lines, but the run and its log go on)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"(no stage lines: {type(exc).__name__}: {first})", file=out)
     with log.open("ab") as sink:
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

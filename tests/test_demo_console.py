@@ -109,7 +109,7 @@ def test_run_logged_and_stage_times_on_a_real_dagster_run(tmp_path, monkeypatch)
     since = time.time() - 1
     out = io.StringIO()
     cmd = [DAGSTER, "asset", "materialize", "-f", str(defs), "--select", "first,second"]
-    assert demo.run_logged(cmd, log, verbose=False, out=out) == 0
+    assert demo.run_logged(cmd, log, verbose=False, out=out) == 0, log.read_text()[-3000:]
     shown = out.getvalue()
     assert [line.split()[1:3] for line in shown.splitlines()] == [
         ["first", "started"],
@@ -144,7 +144,13 @@ def test_run_logged_and_stage_times_on_a_real_dagster_run(tmp_path, monkeypatch)
     assert "Stage times" in text and "first" in text and "Full log" in text and str(log) in text
 
 
-def test_run_logged_names_a_missing_command(tmp_path):
+def test_run_logged_names_a_missing_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     out = io.StringIO()
     assert demo.run_logged(["no-such-tool-dmm"], tmp_path / "log", verbose=False, out=out) == 127
     assert out.getvalue() == "error: no-such-tool-dmm: command not found\n"
+    monkeypatch.delenv("DAGSTER_HOME")
+    out = io.StringIO()
+    assert demo.run_logged([sys.executable, "-c", "print('hi')"], tmp_path / "log", False, out) == 0
+    assert out.getvalue().startswith("(no stage lines: DagsterHomeNotSetError: ")
+    assert (tmp_path / "log").read_text().endswith("hi\n")
