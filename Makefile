@@ -43,10 +43,10 @@ $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
 # the full output (Dagster's DEBUG events, DVC, MLflow, progress bars) goes to
 # DEMO_LOG. `make demo VERBOSE=1` shows all of it in the terminal too.
 DEMO_LOG ?= data/demo.log
-DEMO_RUN = python -m pipelines.demo run --log $(DEMO_LOG) $(if $(VERBOSE),--verbose) --
+DEMO_RUN = python -m pipelines.demo run --log $(DEMO_LOG) $(if $(filter 1,$(VERBOSE)),--verbose) --
 demo: setup dagster-home
 	@mkdir -p $(dir $(DEMO_LOG)) && : > $(DEMO_LOG); \
-	echo "demo: full log in $(DEMO_LOG)$(if $(VERBOSE),, (VERBOSE=1 shows it here))"; \
+	echo "demo: full log in $(DEMO_LOG)$(if $(filter 1,$(VERBOSE)),, (VERBOSE=1 shows it here))"; \
 	start=$$(date +%s); \
 	$(DEMO_RUN) dagster asset materialize $(DEFS) --select teacher_manifest && \
 	range=$$(python -m pipelines.demo partition-range) && \
