@@ -38,13 +38,21 @@ $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
 # partition per teacher), then every asset over the range of teachers in one
 # run. Data stages run as `dvc repro` inside the assets, distillation as
 # `accelerate launch` through Dagster Pipes; the student lands in MLflow.
+#
+# The terminal gets one line per stage (start; end, duration, key figures);
+# the full output (Dagster's DEBUG events, DVC, MLflow, progress bars) goes to
+# DEMO_LOG. `make demo VERBOSE=1` shows all of it in the terminal too.
+DEMO_LOG ?= data/demo.log
+DEMO_RUN = python -m pipelines.demo run --log $(DEMO_LOG) $(if $(filter 1,$(VERBOSE)),--verbose) --
 demo: setup dagster-home
-	@start=$$(date +%s); \
-	dagster asset materialize $(DEFS) --select teacher_manifest && \
+	@mkdir -p $(dir $(DEMO_LOG)) && : > $(DEMO_LOG); \
+	echo "demo: full log in $(DEMO_LOG)$(if $(filter 1,$(VERBOSE)),, (VERBOSE=1 shows it here))"; \
+	start=$$(date +%s); \
+	$(DEMO_RUN) dagster asset materialize $(DEFS) --select teacher_manifest && \
 	range=$$(python -m pipelines.demo partition-range) && \
-	dagster asset materialize $(DEFS) --select '*' --partition-range "$$range" && \
+	$(DEMO_RUN) dagster asset materialize $(DEFS) --select '*' --partition-range "$$range" && \
 	end=$$(date +%s) && echo "demo_seconds: $$((end - start))" | tee data/demo_time.txt && \
-	python -m pipelines.demo summary
+	python -m pipelines.demo summary --since "$$start" --log $(DEMO_LOG)
 
 # The Dagster UI alone (runs, asset graph, launching), bound to this machine.
 ui: setup dagster-home

@@ -10,10 +10,34 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from dmm.device import DEVICE_HELP
 
+# `dmm --help` lists the commands in this order, in these panels: the pipeline's
+# stages as they run, then what to do with a student, then studies.
+COMMAND_PANELS: dict[str, tuple[str, ...]] = {
+    "Pipeline stages (in order)": (
+        "zoo", "teachers", "prompts", "sample", "plan", "distill", "baselines", "merge",
+        "evaluate", "register",
+    ),
+    "Using a student": ("generate", "export", "import-dmm", "retire"),
+    "Studies": ("ablate",),
+    "Settings": ("config",),
+}  # fmt: skip
+COMMAND_ORDER = [name for names in COMMAND_PANELS.values() for name in names]
+
+
+class PipelineOrderGroup(TyperGroup):
+    """Lists subcommands in COMMAND_ORDER (unlisted ones last) rather than registration order."""
+
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda n: rank.get(n, len(rank)))
+
+
 app = typer.Typer(
+    cls=PipelineOrderGroup,
     help="Merge text-to-image models by distillation (DMM).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -76,8 +100,26 @@ def one_line_errors(fn):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dmm import __version__
+
+        typer.echo(f"dmm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at DEBUG level (default: INFO).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -174,9 +216,15 @@ def prompts_cmd(
     source: Annotated[
         str | None, typer.Option(help='"zoo", or a .txt / .jsonl prompt file.')
     ] = None,
-    n_train: Annotated[int | None, typer.Option()] = None,
-    n_eval: Annotated[int | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    n_train: Annotated[
+        int | None, typer.Option(help="Train prompts (default: the config's, else 512).")
+    ] = None,
+    n_eval: Annotated[
+        int | None, typer.Option(help="Held-out eval prompts (default: the config's, else 64).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Sampling seed of the prompt sets (default: the config's).")
+    ] = None,
     zoo: Annotated[Path, typer.Option(help="The zoo, to check held-out combos.")] = Path(
         "data/zoo"
     ),
@@ -295,10 +343,12 @@ def generate_cmd(
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder for PNGs.")] = Path("data/generated"),
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of each prompt's first image; image k gets SEED+k.")
+    ] = 0,
     num_images: Annotated[int, typer.Option(help="Images per prompt and style.")] = 1,
-    steps: Annotated[int, typer.Option()] = 20,
-    guidance_scale: Annotated[float, typer.Option()] = 3.0,
+    steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 20,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
     grid: Annotated[
         bool, typer.Option(help="One PNG: a row per style (all styles if none given).")
     ] = False,
@@ -351,10 +401,19 @@ def generate_cmd(
 @one_line_errors
 def evaluate_cmd(
     config: Annotated[
-        Path | None, typer.Option(help="YAML config (its `evaluate:` section if present).")
+        Path | None,
+        typer.Option(
+            help="YAML config (its `evaluate:` section if present, e.g. params.yaml). "
+            "Without it every key takes its default; `teachers` has none."
+        ),
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override, e.g. --set images_per_style=256")
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE over the config, repeatable, e.g. --set images_per_style=256; "
+            "`dmm config show evaluate` lists the keys.",
+        ),
     ] = None,
     plan: Annotated[
         bool,
@@ -366,8 +425,14 @@ def evaluate_cmd(
 ) -> None:
     """Run the FID_t protocol: student vs teachers vs static baselines; writes JSON + HTML report.
 
-    With a config that has `registry.gate` (params.yaml, or the plan's), the gate's verdict
-    is printed too.
+    Settings: --config's `evaluate:` section, then each --set KEY=VALUE on top
+    (`dmm config show evaluate` lists every key, its type and default). Without
+    --config every key takes its default, and `teachers` has none: give it with
+    --set or a config, or use --plan. With a config that has `registry.gate`
+    (params.yaml, or the plan's), the gate's verdict is printed too.
+
+    Output goes to OUTPUT_DIR (default data/evaluation): evaluation.json,
+    report.html and its figures.
     """
     import yaml
 
@@ -483,11 +548,19 @@ def retire_cmd(
 @one_line_errors
 def distill_cmd(
     config: Annotated[
-        Path | None, typer.Option(help="YAML config (its `distill:` section if present).")
+        Path | None,
+        typer.Option(
+            help="YAML config (its `distill:` section if present, e.g. params.yaml). "
+            "Without it every key takes its default; `base` and `teachers` have none."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override, e.g. --set steps=100 --set losses.feature=0"),
+        typer.Option(
+            "--set",
+            help="KEY=VALUE over the config, repeatable, e.g. --set steps=100 "
+            "--set losses.feature=0; `dmm config show distill` lists the keys.",
+        ),
     ] = None,
     resume: Annotated[
         str | None,
@@ -508,7 +581,16 @@ def distill_cmd(
         ),
     ] = False,
 ) -> None:
-    """Distill every teacher into one style-promptable student (runs under accelerate launch too)."""
+    """Distill every teacher into one style-promptable student (runs under accelerate launch too).
+
+    Settings: --config's `distill:` section, then each --set KEY=VALUE on top
+    (`dmm config show distill` lists every key, its type and default). Without
+    --config every key takes its default, and `base` and `teachers` have none:
+    give them with --set or a config, or use --plan.
+
+    Output: the student pipeline in OUTPUT_DIR/student (default
+    data/student/student), with checkpoints/ and metrics.jsonl in OUTPUT_DIR.
+    """
     from dmm.config import load_stage_config
 
     if plan:
@@ -553,6 +635,20 @@ from dmm.workflow_cli import baselines_command, plan_command, register_command  
 app.command("plan")(one_line_errors(plan_command))
 app.command("baselines")(one_line_errors(baselines_command))
 app.command("register")(one_line_errors(register_command))
+from dmm.config_cli import config_app, show_command  # noqa: E402
+
+config_app.command("show")(one_line_errors(show_command))
+app.add_typer(config_app, name="config")
+
+
+def _set_panels() -> None:
+    """Put every command in its COMMAND_PANELS panel of `dmm --help`."""
+    panel_of = {name: panel for panel, names in COMMAND_PANELS.items() for name in names}
+    for info in [*app.registered_commands, *app.registered_groups]:
+        info.rich_help_panel = panel_of.get(info.name)
+
+
+_set_panels()
 
 
 if __name__ == "__main__":
