@@ -145,3 +145,57 @@ def test_planning_leaves_torch_unimported():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+class _Registry:
+    """The part of MlflowClient that check_parent reads: versions and their tags."""
+
+    def __init__(self, versions: dict[str, dict[str, str]]):
+        self.versions = versions
+
+    def get_model_version(self, name, version):
+        from types import SimpleNamespace
+
+        from mlflow.exceptions import MlflowException
+
+        if version not in self.versions:
+            raise MlflowException(f"no version {version}")
+        return SimpleNamespace(tags=self.versions[version])
+
+
+@pytest.mark.bad_input
+def test_a_plan_that_contradicts_the_registry_is_refused(tmp_path):
+    from dmm.plan import check_parent
+
+    first, _, _ = decide(inputs())
+    plan, _, _ = decide(
+        inputs(("pastel", "neon", "sepia", "stripes")), champion_of(first), parent_dir="p"
+    )
+    tags = {"dmm.teachers": "pastel,neon,sepia", "dmm.student_sha256": "s3"}
+    check_parent(tmp_path, plan, _Registry({"3": tags}), "m")  # as recorded: fine
+    with pytest.raises(DmmError, match="not a version of 'm'"):
+        check_parent(tmp_path, replace(plan, parent_version="9"), _Registry({"3": tags}), "m")
+    other = {**tags, "dmm.teachers": "pastel,neon"}
+    with pytest.raises(DmmError, match="contradicts the registry"):
+        check_parent(tmp_path, plan, _Registry({"3": other}), "m")
+
+
+@pytest.mark.bad_input
+def test_samples_drawn_with_another_base_are_refused(tmp_path):
+    from dmm.hashing import weights_sha256
+    from dmm.plan import check_samples
+
+    base = tmp_path / "data/zoo/base/text_encoder"
+    base.mkdir(parents=True)
+    (base / "model.safetensors").write_bytes(b"the manifest's base")
+    samples = tmp_path / "data/samples"
+    for name, encoder in (("pastel", weights_sha256(base)), ("neon", "another base")):
+        (samples / name).mkdir(parents=True)
+        (samples / name / "index.json").write_text(
+            json.dumps({"base_text_encoder_sha256": encoder})
+        )
+    _, recipe, _ = decide(inputs(("pastel", "neon")))
+    with pytest.raises(DmmError, match="samples of 'neon' were drawn with another base"):
+        check_samples(tmp_path, recipe)
+    _, recipe, _ = decide(inputs(("pastel",)))
+    check_samples(tmp_path, recipe)

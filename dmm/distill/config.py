@@ -51,13 +51,8 @@ class DistillConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(20, ge=0)
     # "wsd" (warmup-stable-decay) holds the rate, then decays it linearly to zero
-    # over the last `decay_fraction` of the steps: the run keeps a constant
-    # rate's progress, and its final weights are not a noisy mid-stride iterate.
-    # On the zoo at 400 steps (FD_t ratio, teacher samples of seeds 0 / 1):
-    # constant 7.58 / 2.88, wsd 0.2 2.56 / 2.83, wsd 0.4 2.05 / 2.40 (and 1.76,
-    # 2.65 on a third sample seed and a second training seed). A cosine
-    # decay over the whole run, still far from converged, scored worse than
-    # constant (6.4 vs 4.6 at lr 1e-3, one run each).
+    # over the last `decay_fraction` of the steps, so the final weights are not a
+    # noisy mid-stride iterate (the zoo's schedule study: benchmarks/RESULTS.md).
     lr_schedule: Literal["constant", "cosine", "wsd"] = "wsd"
     decay_fraction: float = Field(0.4, gt=0, le=1, description="share of steps in wsd's decay")
     # The style MLP and codebook start from nothing (zero last layer) while the
@@ -101,21 +96,15 @@ class DistillConfig(BaseModel):
     # Where old styles' x0 come from. "new_teachers": the new teachers' samples.
     # "previous_student": the previous student samples each old style on the new
     # teachers' prompts before training, so old styles are held on their own
-    # images. On the zoo it held old styles best from a 1200-step parent, and
-    # params.yaml's incremental merges use it; from a weak 400-step parent it
-    # drifted more (one run each). The CLI default stays the cheaper one.
+    # images (held them best from a long parent; benchmarks/RESULTS.md). The CLI
+    # default stays the cheaper one; params.yaml's incremental merges use it.
     old_style_x0: Literal["previous_student", "new_teachers"] = "new_teachers"
     # "per_style": one micro-batch per old style, so every old style sees as
     # many samples per step as in a full merge, with the previous student
-    # standing in for its teacher; a step costs what a full merge's does, and
-    # the saving is in the step count and the old teachers never loaded.
-    # "shared": one micro-batch for all old styles, each sample asking for a
-    # random one (cheaper steps, noisier old-style gradients). On the zoo, +2
-    # teachers at 600 steps each from a 1200-step parent, old styles replayed:
-    # per_style 0.52/0.58/0.22 (from scratch: 0.72/0.56/0.30), shared
-    # 1.57/0.75/0.32, shared at 1000 steps 1.20/1.14/0.39; on a second
-    # training seed per_style 0.58/0.63/0.19, shared 1.00/1.03/0.39 (from
-    # scratch: 0.80/0.59/0.25).
+    # standing in for its teacher; a step costs what a full merge's does. "shared":
+    # one micro-batch for all old styles, each sample asking for a random one
+    # (cheaper steps, noisier old-style gradients; on the zoo it let old styles
+    # drift: benchmarks/RESULTS.md, incremental merging).
     old_style_batches: Literal["shared", "per_style"] = "per_style"
     old_style_sample_steps: int = Field(10, ge=1, description="DPM-Solver++ steps of that replay")
     old_style_guidance: float = Field(3.0, ge=0, description="its classifier-free guidance")

@@ -13,15 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from dmm.merge.config import METHOD_PARAMS
+from dmm.merge.config import METHOD_NAMES, METHOD_PARAMS
 
-
-class Method(str, Enum):
-    weighted = "weighted"
-    task_arithmetic = "task_arithmetic"
-    ties = "ties"
-    dare_linear = "dare_linear"
-    dare_ties = "dare_ties"
+# The CLI's choices are the method table's names (one list, in dmm.merge.config).
+Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)
 
 
 def _fail(message: str) -> typer.Exit:
