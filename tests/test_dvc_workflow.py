@@ -154,8 +154,21 @@ def test_a_new_teacher_merges_incrementally_without_dagster(project, tmp_path):
     from_cli = json.loads((repo / "data/plan/merge_plan.json").read_text())
     assert json.loads(asset.stdout) == from_cli
     assert from_cli["kind"] == "incremental" and from_cli["trained"] == ["pastel2"]
+    # A refused candidate: challenger, the champion's working copy untouched, its run ended.
+    from dmm.hashing import folder_sha256
+
+    working_copy = folder_sha256(repo / "data/champion")
+    refused = sh([str(BIN / "dmm"), "register", "--set", "max_independent_ratio=1e-9"], repo,
+                 ok=False, uri=uri)  # fmt: skip
+    assert refused.returncode == 1 and "gate: FAILED" in refused.stdout
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == parent
+    assert folder_sha256(repo / "data/champion") == working_copy
+    run_id = json.loads((repo / "data/student/mlflow_run.json").read_text())["run_id"]
+    ended = client.get_run(run_id)
+    assert ended.info.status == "FINISHED" and ended.data.tags["dmm.gate"] == "failed"
     registered = sh([str(BIN / "dmm"), "register"], repo, uri=uri)
     assert "gate: passed" in registered.stdout
+    assert folder_sha256(repo / "data/champion") != working_copy
     new = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(new.version) != parent
     assert new.tags["dmm.merge_kind"] == "incremental"
