@@ -44,6 +44,8 @@ def project(built, tmp_path_factory):
     params["distill"].update(DISTILL_SETTINGS)
     params["evaluate"].update(EVALUATE_SETTINGS)
     params["registry"]["gate"].update(LENIENT_GATE)
+    # Incremental merges read registry.incremental on top of distill: keep them miniature too.
+    params["registry"]["incremental"].update(steps=2, old_style_samples=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "data/plan/request.json").write_text("{}\n")
     # Git holds the code and the configs; DVC the data (as in the project's own .gitignore).
