@@ -125,8 +125,25 @@ class _RegionalUNet:
     def __init__(self, pipe: Any, labels: list[torch.Tensor], weights: torch.Tensor) -> None:
         self.unet = pipe.unet
         self.forward = pipe.unet.forward
+        # Taken now: during the pipeline's call the UNet's style MLP is swapped for
+        # an identity (the MLP runs once per call), so each region's label goes
+        # through this MLP here, once per batch shape.
+        self.mlp = pipe.unet.class_embedding
         self.labels = labels
         self.weights = weights
+        self._projected: dict[tuple, list[torch.Tensor]] = {}
+
+    def _styles(self, sample: torch.Tensor) -> list[torch.Tensor]:
+        key = (sample.shape[0], sample.device, sample.dtype)
+        if key not in self._projected:
+            weight = self.mlp.linear_1.weight
+            self._projected[key] = [
+                self.mlp(label.to(weight.device, weight.dtype).expand(sample.shape[0], -1)).to(
+                    sample.device, sample.dtype
+                )
+                for label in self.labels
+            ]
+        return self._projected[key]
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any):
         if tuple(sample.shape[-2:]) != tuple(self.weights.shape[-2:]):
@@ -138,9 +155,8 @@ class _RegionalUNet:
         return_dict = kwargs.pop("return_dict", True)
         w = self.weights.to(sample.device, sample.dtype)
         blended = None
-        for r, label in enumerate(self.labels):
-            lab = label.to(sample.device, sample.dtype).expand(sample.shape[0], -1)
-            eps = self.forward(sample, *args, class_labels=lab, return_dict=False, **kwargs)[0]
+        for r, style in enumerate(self._styles(sample)):
+            eps = self.forward(sample, *args, class_labels=style, return_dict=False, **kwargs)[0]
             part = eps * w[r]
             blended = part if blended is None else blended + part
         if not return_dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 REMOTE_MODULE = "dmm_student"
 REMOTE_FILE = f"{REMOTE_MODULE}.py"
-# In dependency order: the pipeline uses the codebook's names.
-_SOURCES = ("dmm.student.codebook", "dmm.zoo.autoencoder", "dmm.student.pipeline")
+# In dependency order: the codebook checks names by dmm.names, the pipeline uses the codebook.
+_SOURCES = ("dmm.names", "dmm.student.codebook", "dmm.zoo.autoencoder", "dmm.student.pipeline")
 # dmm-only functions of those modules, which the footer defines afresh.
 _REPLACED = {"_write_folder_extras"}
 
