@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench clean dagster-home ui dev mlflow-ui browser
+.PHONY: setup demo test test-fast lint bench clean dagster-home ui dev mlflow-ui browser recover
 
 setup: $(STAMP)
 
@@ -48,6 +48,7 @@ demo: setup dagster-home
 	@mkdir -p $(dir $(DEMO_LOG)) && : > $(DEMO_LOG); \
 	echo "demo: full log in $(DEMO_LOG)$(if $(filter 1,$(VERBOSE)),, (VERBOSE=1 shows it here))"; \
 	start=$$(date +%s); \
+	python -m pipelines.recover >> $(DEMO_LOG) && \
 	$(DEMO_RUN) dagster asset materialize $(DEFS) --select teacher_manifest && \
 	range=$$(python -m pipelines.demo partition-range) && \
 	$(DEMO_RUN) dagster asset materialize $(DEFS) --select '*' --partition-range "$$range" && \
@@ -61,6 +62,11 @@ ui: setup dagster-home
 # The UI plus the daemon that runs the teacher-manifest sensor and the nightly schedule.
 dev: setup dagster-home
 	dagster dev $(DEFS) -h 127.0.0.1 -p $(DAGSTER_PORT)
+
+# After a crash (kill -9, OOM): mark dead runs failed and free their pool slots
+# (docs/operations.md). `make dev`'s daemon does it every 30 s by itself.
+recover: setup dagster-home
+	python -m pipelines.recover
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \

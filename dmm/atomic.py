@@ -121,6 +121,8 @@ def exclusive_lock(directory: Path | str, what: str) -> Iterator[None]:
     except BlockingIOError as exc:
         fh.close()
         raise DmmError(f"another {what} is already running in {directory}") from exc
+    # A lock file nobody holds was left by a killed run: this run owns it now.
+    made_file = True
     try:
         yield
     finally:

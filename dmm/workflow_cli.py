@@ -115,6 +115,27 @@ def run_distill_plan(root: Path) -> Path:
         raise
 
 
+RUN_CONFIG_PREFIX = ".run-config-"  # + the writer's pid: a killed writer's file is stale
+
+
+def _remove_stale_run_configs(out: Path) -> None:
+    """Delete run configs whose writing process is gone (a killed run cannot delete its own)."""
+    for path in out.glob(f"{RUN_CONFIG_PREFIX}*.json"):
+        pid = path.name[len(RUN_CONFIG_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _launch(root: Path, config: dict, env: dict[str, str]) -> None:
     """Run the trainer (through Dagster Pipes when Dagster launched us) in place or under accelerate."""
     from dmm.distill.config import DistillConfig
@@ -124,7 +145,9 @@ def _launch(root: Path, config: dict, env: dict[str, str]) -> None:
     os.environ.update(env)
     out = root / layout.STUDENT
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out, prefix=".run-config-") as fh:
+    _remove_stale_run_configs(out)
+    prefix = f"{RUN_CONFIG_PREFIX}{os.getpid()}-"
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out, prefix=prefix) as fh:
         fh.write(cfg.model_dump_json())
         fh.flush()
         args = shlex.split(os.environ.get(LAUNCH_ENV, ""))

@@ -7,6 +7,7 @@ import dagster as dg
 from pipelines.defs.asset_checks import evaluation_gate
 from pipelines.defs.assets import ASSETS
 from pipelines.defs.jobs import dmm_job
+from pipelines.defs.recovery import dead_run_sensor
 from pipelines.defs.resources import (
     ComputeResource,
     DvcResource,
@@ -36,7 +37,7 @@ defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=[evaluation_gate],
     jobs=[dmm_job],
-    sensors=[teacher_manifest_sensor],
+    sensors=[teacher_manifest_sensor, dead_run_sensor],
     schedules=[nightly],
     resources=build_resources(),
 )

@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             metadata={
                 "student_path": {"raw_value": str(final), "type": "path"},
                 "steps": summary["steps"],
+                # -1: trained from step 0 (metadata values cannot be null).
+                "resumed_from_step": -1
+                if summary.get("resumed_from_step") is None
+                else summary["resumed_from_step"],
                 "world_size": summary["world_size"],
                 "train_seconds": summary["seconds"],
                 "teacher_placement": summary["teacher_placement"],

@@ -423,6 +423,7 @@ class TrainState:
     metrics: MetricsLog | None = None  # on the main process only
     live: LiveMetrics | None = None  # the orchestrator's MLflow run, main process only
     t_start: float = 0.0
+    resumed_from_step: int | None = None  # the sealed checkpoint's step, when resumed
 
     @property
     def out_dir(self) -> Path:
@@ -660,6 +661,7 @@ def _resume(state: TrainState) -> None:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         log.info("resumed from %s at step %d", resume_from, state.progress.step)
+        state.resumed_from_step = state.progress.step
     state.last_good = resume_from
     if accelerator.is_main_process:
         state.out_dir.mkdir(parents=True, exist_ok=True)
@@ -864,6 +866,7 @@ def finalize(state: TrainState) -> Path:
             (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
         summary = {
             "steps": state.progress.step,
+            "resumed_from_step": state.resumed_from_step,
             "world_size": world,
             "styles": state.final_names,
             "merge_kind": lineage["merge_kind"],

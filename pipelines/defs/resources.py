@@ -61,6 +61,13 @@ class ProjectResource(dg.ConfigurableResource):
 
     repo_root: str = Field(default_factory=default_repo_root)
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Every step uses the project: the run records its host once, so that
+        # only this host judges whether the run's processes died (recovery.py).
+        from pipelines.defs.recovery import tag_host
+
+        tag_host(context.instance, context.run_id)
+
     @property
     def root(self) -> Path:
         return Path(self.repo_root).resolve()

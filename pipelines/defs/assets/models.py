@@ -36,7 +36,7 @@ from pipelines.defs.resources import (
 GROUP = "models"
 EVALUATION_GATE = "evaluation_gate"
 # What the trainer reports through Pipes that the plan does not already say.
-PIPES_METADATA = ("steps", "world_size", "train_seconds", "teacher_placement")
+PIPES_METADATA = ("steps", "resumed_from_step", "world_size", "train_seconds", "teacher_placement")
 
 
 @dg.asset(
