@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -115,14 +116,21 @@ def run_distill_plan(root: Path) -> Path:
         raise
 
 
-RUN_CONFIG_PREFIX = ".run-config-"  # + the writer's pid: a killed writer's file is stale
+# + host and pid of the writer: a killed writer's file is stale, and only its
+# own host can tell (the folder may be on a filesystem several hosts share).
+RUN_CONFIG_PREFIX = ".run-config-"
+
+
+def _run_config_prefix() -> str:
+    return f"{RUN_CONFIG_PREFIX}{socket.gethostname()}-{os.getpid()}-"
 
 
 def _remove_stale_run_configs(out: Path) -> None:
-    """Delete run configs whose writing process is gone (a killed run cannot delete its own)."""
-    for path in out.glob(f"{RUN_CONFIG_PREFIX}*.json"):
-        pid = path.name[len(RUN_CONFIG_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or not _alive(int(pid)):
+    """Delete this host's run configs whose writing process is gone (a killed run cannot)."""
+    mine = f"{RUN_CONFIG_PREFIX}{socket.gethostname()}-"
+    for path in out.glob(f"{mine}*.json"):
+        pid = path.name[len(mine) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
 
 
@@ -146,7 +154,7 @@ def _launch(root: Path, config: dict, env: dict[str, str]) -> None:
     out = root / layout.STUDENT
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_run_configs(out)
-    prefix = f"{RUN_CONFIG_PREFIX}{os.getpid()}-"
+    prefix = _run_config_prefix()
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out, prefix=prefix) as fh:
         fh.write(cfg.model_dump_json())
         fh.flush()

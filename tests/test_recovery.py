@@ -175,3 +175,28 @@ def test_kill_9_mid_distillation_then_the_next_merge_resumes(built, tmp_path):
     ]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # one record per step
     print(f"\nslot freed {freed_after:.2f} s after the kill; resumed at step {sealed} of {STEPS}")
+
+
+def test_a_killed_runs_leftovers_are_cleaned_and_other_hosts_files_kept(tmp_path):
+    import socket
+
+    from dmm.atomic import exclusive_lock
+    from dmm.workflow_cli import RUN_CONFIG_PREFIX, _remove_stale_run_configs
+
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    host = socket.gethostname()
+    files = {
+        "dead": tmp_path / f"{RUN_CONFIG_PREFIX}{host}-{dead.pid}-x1.json",
+        "live": tmp_path / f"{RUN_CONFIG_PREFIX}{host}-{os.getpid()}-x2.json",
+        "other host": tmp_path / f"{RUN_CONFIG_PREFIX}elsewhere-{dead.pid}-x3.json",
+    }
+    for path in files.values():
+        path.write_text("{}")
+    _remove_stale_run_configs(tmp_path)
+    assert {k for k, p in files.items() if p.exists()} == {"live", "other host"}
+
+    (tmp_path / ".lock").write_text("")  # left by a killed holder: nobody holds it
+    with exclusive_lock(tmp_path, "distillation"):
+        pass
+    assert not (tmp_path / ".lock").exists()
