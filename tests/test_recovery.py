@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from pipelines.defs.recovery import dead_run_sensor, process_started_at, recover_dead_runs
 from tests.pipeline_support import REPO, tool_env
@@ -141,7 +140,6 @@ def _sealed_steps(repo: Path) -> list[int]:
     return [step for step, _ in list_checkpoints(repo / "data" / "student" / "checkpoints")]
 
 
-@pytest.mark.timeout(1200)
 def test_kill_9_mid_distillation_then_the_next_merge_resumes(built, tmp_path):
     from tests.test_pipeline import _copy_project, materializations
 
