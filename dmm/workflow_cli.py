@@ -127,21 +127,13 @@ def _run_config_prefix() -> str:
 
 def _remove_stale_run_configs(out: Path) -> None:
     """Delete this host's run configs whose writing process is gone (a killed run cannot)."""
+    from dmm.atomic import _pid_alive
+
     mine = f"{RUN_CONFIG_PREFIX}{socket.gethostname()}-"
     for path in out.glob(f"{mine}*.json"):
         pid = path.name[len(mine) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _pid_alive(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _launch(root: Path, config: dict, env: dict[str, str]) -> None:
